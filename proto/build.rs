@@ -1,0 +1,17 @@
+//! Compiles the .proto files with protox (pure Rust), so no `protoc` is needed.
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = [
+        "proto/custody/v1/event.proto",
+        "proto/custody/v1/tunnel.proto",
+        "proto/custody/v1/ledger.proto",
+    ];
+    for f in &files {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    let fds = protox::compile(files, ["proto"])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+    Ok(())
+}
