@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        .bytes(".custody.ledger.v1.AppendRequest.events")
         .compile_fds(fds)?;
     Ok(())
 }

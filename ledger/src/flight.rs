@@ -1,0 +1,241 @@
+//! The ledger's Arrow Flight service: `do_get` streams the `events`, `sessions` and `entries`
+//! tables for a JSON ticket (see [`crate::table`]); `list_flights`, `get_flight_info` and
+//! `get_schema` describe them.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use arrow::ipc::writer::IpcWriteOptions;
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::error::FlightError;
+use arrow_flight::flight_descriptor::DescriptorType;
+use arrow_flight::flight_service_server::FlightService;
+use arrow_flight::{
+    Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightEndpoint, FlightInfo,
+    HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaAsIpc, SchemaResult, Ticket,
+};
+use futures::stream::{self, BoxStream};
+use futures::{StreamExt, TryStreamExt};
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn};
+
+use crate::committer::Committer;
+use crate::scan::{scan, ScanError};
+use crate::store::Store;
+use crate::table::{entries_schema, events_schema, sessions_schema, Table, TicketQuery};
+
+/// Serves the ledger's tables over Flight.
+#[derive(Clone)]
+pub struct LedgerFlight {
+    store: Arc<Store>,
+    committer: Committer,
+}
+
+impl LedgerFlight {
+    /// A Flight service over `store`.
+    pub fn new(store: Arc<Store>, committer: Committer) -> Self {
+        Self { store, committer }
+    }
+}
+
+fn schema_of(t: Table) -> SchemaRef {
+    match t {
+        Table::Events => events_schema(),
+        Table::Sessions => sessions_schema(),
+        Table::Entries => entries_schema(),
+    }
+}
+
+fn table_name(t: Table) -> &'static str {
+    match t {
+        Table::Events => "events",
+        Table::Sessions => "sessions",
+        Table::Entries => "entries",
+    }
+}
+
+/// Resolves a descriptor: a path `["events"]`, or a command holding a JSON ticket.
+fn query_of(d: &FlightDescriptor) -> Result<TicketQuery, Status> {
+    match DescriptorType::try_from(d.r#type) {
+        Ok(DescriptorType::Path) => {
+            let name = d.path.first().map(String::as_str).unwrap_or("events");
+            let table = match name {
+                "events" => Table::Events,
+                "sessions" => Table::Sessions,
+                "entries" => Table::Entries,
+                other => {
+                    return Err(Status::not_found(format!(
+                        "no table {other:?}; tables are events, sessions, entries"
+                    )))
+                }
+            };
+            Ok(TicketQuery {
+                table,
+                ..Default::default()
+            })
+        }
+        Ok(DescriptorType::Cmd) => TicketQuery::parse(&d.cmd).map_err(Status::invalid_argument),
+        _ => Err(Status::invalid_argument("descriptor must be a path or a command")),
+    }
+}
+
+fn flight_info(q: &TicketQuery, descriptor: FlightDescriptor) -> Result<FlightInfo, Status> {
+    let ticket = serde_json::to_vec(q).map_err(|e| Status::internal(e.to_string()))?;
+    let info = FlightInfo::new()
+        .try_with_schema(&schema_of(q.table))
+        .map_err(|e| Status::internal(e.to_string()))?
+        .with_descriptor(descriptor)
+        .with_endpoint(FlightEndpoint::new().with_ticket(Ticket::new(ticket)))
+        .with_ordered(true);
+    Ok(info)
+}
+
+type Stream<T> = Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl FlightService for LedgerFlight {
+    type HandshakeStream = Stream<HandshakeResponse>;
+    type ListFlightsStream = Stream<FlightInfo>;
+    type DoGetStream = Stream<FlightData>;
+    type DoPutStream = Stream<PutResult>;
+    type DoExchangeStream = Stream<FlightData>;
+    type DoActionStream = Stream<arrow_flight::Result>;
+    type ListActionsStream = Stream<ActionType>;
+
+    async fn handshake(
+        &self,
+        _request: Request<Streaming<HandshakeRequest>>,
+    ) -> Result<Response<Self::HandshakeStream>, Status> {
+        Ok(Response::new(Box::pin(stream::once(async {
+            Ok(HandshakeResponse::default())
+        }))))
+    }
+
+    async fn list_flights(
+        &self,
+        _request: Request<Criteria>,
+    ) -> Result<Response<Self::ListFlightsStream>, Status> {
+        let infos: Vec<Result<FlightInfo, Status>> = [Table::Events, Table::Sessions, Table::Entries]
+            .into_iter()
+            .map(|t| {
+                let q = TicketQuery {
+                    table: t,
+                    ..Default::default()
+                };
+                flight_info(&q, FlightDescriptor::new_path(vec![table_name(t).to_string()]))
+            })
+            .collect();
+        Ok(Response::new(Box::pin(stream::iter(infos))))
+    }
+
+    async fn get_flight_info(
+        &self,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let d = request.into_inner();
+        let q = query_of(&d)?;
+        Ok(Response::new(flight_info(&q, d)?))
+    }
+
+    async fn poll_flight_info(
+        &self,
+        _request: Request<FlightDescriptor>,
+    ) -> Result<Response<PollInfo>, Status> {
+        Err(Status::unimplemented("poll_flight_info: use get_flight_info"))
+    }
+
+    async fn get_schema(
+        &self,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<SchemaResult>, Status> {
+        let q = query_of(&request.into_inner())?;
+        let schema = schema_of(q.table);
+        let r: SchemaResult = SchemaAsIpc::new(&schema, &IpcWriteOptions::default())
+            .try_into()
+            .map_err(|e: arrow::error::ArrowError| Status::internal(e.to_string()))?;
+        Ok(Response::new(r))
+    }
+
+    async fn do_get(&self, request: Request<Ticket>) -> Result<Response<Self::DoGetStream>, Status> {
+        let q = TicketQuery::parse(&request.get_ref().ticket).map_err(Status::invalid_argument)?;
+        info!(table = table_name(q.table), ?q, "flight do_get");
+        let (tx, rx) = mpsc::channel::<Result<arrow::array::RecordBatch, FlightError>>(2);
+        let store = self.store.clone();
+        let size = self.committer.state().next_index;
+        let schema = schema_of(q.table);
+        tokio::task::spawn_blocking(move || {
+            let r = scan(&store, size, &q, |batch| tx.blocking_send(Ok(batch)).is_ok());
+            if let Err(e) = r {
+                warn!(error = %e, "flight scan failed");
+                let status = match &e {
+                    ScanError::Corrupt { .. } => Status::data_loss(e.to_string()),
+                    ScanError::Store(_) => Status::internal(e.to_string()),
+                };
+                let _ = tx.blocking_send(Err(FlightError::Tonic(Box::new(status))));
+            }
+        });
+        let batches = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let encoded = FlightDataEncoderBuilder::new()
+            .with_schema(schema)
+            .build(batches)
+            .map_err(|e| match e {
+                FlightError::Tonic(s) => *s,
+                other => Status::internal(other.to_string()),
+            });
+        Ok(Response::new(encoded.boxed()))
+    }
+
+    async fn do_put(
+        &self,
+        _request: Request<Streaming<FlightData>>,
+    ) -> Result<Response<Self::DoPutStream>, Status> {
+        Err(Status::permission_denied(
+            "the audit ledger is append-only through the proxy; do_put is not accepted",
+        ))
+    }
+
+    async fn do_exchange(
+        &self,
+        _request: Request<Streaming<FlightData>>,
+    ) -> Result<Response<Self::DoExchangeStream>, Status> {
+        Err(Status::unimplemented("do_exchange is not supported"))
+    }
+
+    async fn do_action(
+        &self,
+        request: Request<Action>,
+    ) -> Result<Response<Self::DoActionStream>, Status> {
+        let action = request.into_inner();
+        match action.r#type.as_str() {
+            "status" => {
+                let st = self.committer.state();
+                let body = serde_json::json!({
+                    "size": st.next_index,
+                    "head_hash": hex::encode(st.head),
+                    "last_commit_ns": st.last_commit_ns,
+                });
+                let r = arrow_flight::Result::new(body.to_string());
+                Ok(Response::new(Box::pin(stream::once(async { Ok(r) }))))
+            }
+            other => Err(Status::invalid_argument(format!(
+                "unknown action {other:?}; actions: status"
+            ))),
+        }
+    }
+
+    async fn list_actions(
+        &self,
+        _request: Request<Empty>,
+    ) -> Result<Response<Self::ListActionsStream>, Status> {
+        let a = ActionType {
+            r#type: "status".into(),
+            description: "ledger size and chain head as JSON".into(),
+        };
+        Ok(Response::new(Box::pin(stream::once(async { Ok(a) }))))
+    }
+}
+
+/// Keeps `BoxStream` in scope for implementors that want it.
+pub type BoxedBatches = BoxStream<'static, Result<FlightData, Status>>;

@@ -1,0 +1,66 @@
+//! Prometheus metrics of a ledger node, served at `/metrics` in the text format.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// The ledger's metrics.
+pub struct LedgerMetrics {
+    registry: Registry,
+    /// Events stored (not counting duplicates).
+    pub events_appended: Counter,
+    /// Events that were retries of stored keys.
+    pub events_duplicate: Counter,
+    /// Append requests refused (invalid, storage failure, overload).
+    pub appends_failed: Counter,
+    /// Seconds from an append's arrival to its durable commit.
+    pub append_latency: Histogram,
+    /// Events per group commit.
+    pub batch_size: Histogram,
+    /// Entries in the ledger.
+    pub size: Gauge,
+}
+
+impl LedgerMetrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("custody_ledger");
+        let events_appended = Counter::default();
+        let events_duplicate = Counter::default();
+        let appends_failed = Counter::default();
+        let append_latency = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
+        let batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 14));
+        let size = Gauge::default();
+        registry.register("events_appended", "Events stored", events_appended.clone());
+        registry.register("events_duplicate", "Appended events whose idempotency key was already stored", events_duplicate.clone());
+        registry.register("appends_failed", "Append requests refused", appends_failed.clone());
+        registry.register("append_latency_seconds", "Time from append arrival to durable commit", append_latency.clone());
+        registry.register("batch_size_events", "Events per group commit", batch_size.clone());
+        registry.register("size_entries", "Entries in the ledger", size.clone());
+        Self {
+            registry,
+            events_appended,
+            events_duplicate,
+            appends_failed,
+            append_latency,
+            batch_size,
+            size,
+        }
+    }
+
+    /// The text exposition.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut s, &self.registry);
+        s
+    }
+}
+
+impl Default for LedgerMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
