@@ -1,1 +1,220 @@
-fn main(){}
+//! `custody`: log in, tunnel to resources through the proxy, and read the audit record.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use custody::config::ClientConfig;
+use custody::query::{Filters, Format};
+use custody::quic::Trust;
+
+#[derive(Parser)]
+#[command(name = "custody", version, about = "Reach production systems through custody; every statement is recorded")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run everything on loopback: ledger, proxy, dev identity provider, demo PostgreSQL.
+    Dev {
+        /// State directory (default ~/.local/share/custody/dev).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Do not start PostgreSQL.
+        #[arg(long)]
+        no_postgres: bool,
+    },
+    /// Log in with OpenID Connect (authorization code + PKCE, loopback redirect).
+    Login {
+        /// Issuer URL (default from config).
+        #[arg(long)]
+        issuer: Option<String>,
+        /// OAuth client id (default from config, else custody-cli).
+        #[arg(long)]
+        client_id: Option<String>,
+        /// Resource indicator for the access token (default from config).
+        #[arg(long)]
+        audience: Option<String>,
+        /// Print the URL instead of opening a browser.
+        #[arg(long)]
+        no_browser: bool,
+        /// Ask for a refresh token.
+        #[arg(long)]
+        offline: bool,
+    },
+    /// Forget the cached token.
+    Logout,
+    /// Open a local port tunnelled to a resource.
+    Connect {
+        /// Resource name, e.g. pg-prod.
+        resource: String,
+        /// Local port.
+        #[arg(long, default_value_t = 5433)]
+        port: u16,
+        /// Local address to bind.
+        #[arg(long, default_value = "127.0.0.1")]
+        bind: std::net::IpAddr,
+        /// Proxy QUIC address (default from config).
+        #[arg(long)]
+        proxy: Option<String>,
+        /// Pinned proxy certificate, sha256:<hex> (default from config).
+        #[arg(long)]
+        pin: Option<String>,
+        /// CA bundle for the proxy certificate.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+        /// TLS server name of the proxy.
+        #[arg(long)]
+        server_name: Option<String>,
+        /// Read the token from this file (for CI), instead of CUSTODY_TOKEN or the login cache.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Name of the agent or skill acting for the token's subject (recorded).
+        #[arg(long, env = "CUSTODY_AGENT")]
+        agent: Option<String>,
+    },
+    /// Print recorded events.
+    Events {
+        #[command(flatten)]
+        filters: Filters,
+        /// Only this kind: session_start, request, response, denied, session_end.
+        #[arg(long)]
+        kind: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        /// Show every column in table output.
+        #[arg(long)]
+        all_columns: bool,
+        /// Ledger Flight URL (default from config).
+        #[arg(long)]
+        flight: Option<String>,
+    },
+    /// Print recorded sessions.
+    Sessions {
+        #[command(flatten)]
+        filters: Filters,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        /// Ledger Flight URL (default from config).
+        #[arg(long)]
+        flight: Option<String>,
+    },
+    /// Check the ledger's hash chain end to end and report the first bad index.
+    Verify {
+        /// Ledger Flight URL (default from config).
+        #[arg(long)]
+        flight: Option<String>,
+    },
+}
+
+fn flight_url(cfg: &ClientConfig, flag: Option<String>) -> anyhow::Result<String> {
+    let f = flag.or_else(|| cfg.flight.clone());
+    Ok(cfg.need(&f, "flight", "--flight grpc://HOST:PORT")?.to_string())
+}
+
+async fn ctrl_c() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let cfg = ClientConfig::load()?;
+    match cli.cmd {
+        Cmd::Dev { data_dir, no_postgres } => {
+            let data_dir = data_dir.unwrap_or_else(|| {
+                let base = std::env::var_os("XDG_DATA_HOME")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".local/share"));
+                base.join("custody/dev")
+            });
+            custody::dev::run(custody::dev::DevOptions { data_dir, no_postgres }).await
+        }
+        Cmd::Login { issuer, client_id, audience, no_browser, offline } => {
+            let issuer = issuer.or(cfg.issuer.clone());
+            let opts = custody::login::LoginOptions {
+                issuer: cfg.need(&issuer, "issuer", "--issuer URL")?.to_string(),
+                client_id: client_id.or(cfg.client_id.clone()).unwrap_or_else(|| "custody-cli".into()),
+                audience: audience.or(cfg.audience.clone()).unwrap_or_default(),
+                no_browser,
+                offline,
+                timeout: Duration::from_secs(300),
+            };
+            let tok = custody::login::login(&opts, |u| {
+                eprintln!("Open this URL to log in:\n\n  {u}\n");
+            })
+            .await?;
+            tok.save()?;
+            println!("logged in; token cached in {}", custody::config::token_path().display());
+            Ok(())
+        }
+        Cmd::Logout => {
+            match std::fs::remove_file(custody::config::token_path()) {
+                Ok(()) => println!("logged out"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => println!("no cached token"),
+                Err(e) => return Err(e.into()),
+            }
+            Ok(())
+        }
+        Cmd::Connect { resource, port, bind, proxy, pin, ca_file, server_name, token_file, agent } => {
+            let proxy = proxy.or(cfg.proxy.clone());
+            let proxy = cfg.need(&proxy, "proxy", "--proxy HOST:PORT")?.to_string();
+            let trust = match (pin.or(cfg.pin.clone()), ca_file.or(cfg.ca_file.clone())) {
+                (Some(p), _) => Trust::pin(&p)?,
+                (None, Some(ca)) => Trust::CaFile(ca),
+                (None, None) => anyhow::bail!("no way to trust the proxy: pass --pin sha256:<hex> or --ca-file, or set pin/ca_file in {}", custody::config::config_path().display()),
+            };
+            let opts = custody::tunnel::ConnectOptions {
+                resource,
+                server_name: server_name.or(cfg.server_name.clone()).unwrap_or_else(|| proxy.split(':').next().unwrap_or("localhost").to_string()),
+                proxy,
+                trust,
+                listen: std::net::SocketAddr::new(bind, port),
+                token_file,
+                agent,
+            };
+            custody::tunnel::run(opts, ctrl_c()).await
+        }
+        Cmd::Events { filters, kind, format, all_columns, flight } => {
+            let url = flight_url(&cfg, flight)?;
+            custody::query::events(&url, &filters, kind.as_deref(), format, all_columns).await
+        }
+        Cmd::Sessions { filters, format, flight } => {
+            let url = flight_url(&cfg, flight)?;
+            custody::query::sessions(&url, &filters, format).await
+        }
+        Cmd::Verify { flight } => {
+            let url = flight_url(&cfg, flight)?;
+            custody::query::verify(&url).await
+        }
+    }
+}
+
+fn main() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CUSTODY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new().context("starting the async runtime") {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("custody: error: {e:#}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(run(cli)) {
+        eprintln!("custody: error: {e:#}");
+        std::process::exit(1);
+    }
+}
