@@ -1,0 +1,168 @@
+//! The main job end to end: real clients through the QUIC tunnel to a real PostgreSQL, every
+//! statement in the ledger, read back with pyarrow.flight.
+
+use std::process::Command;
+use std::time::Duration;
+
+use custody_e2e::*;
+
+fn pgbench(port: u16, mode: &str, script: &std::path::Path, clients: u32, tx: u32) -> String {
+    let out = Command::new("pgbench")
+        .args(["-n", "-M", mode, "-c", &clients.to_string(), "-t", &tx.to_string(), "-f"])
+        .arg(script)
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "bench", "postgres"])
+        .output()
+        .expect("pgbench");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "pgbench -M {mode} failed:\n{text}");
+    text
+}
+
+fn ledger_size(flight: &str) -> u64 {
+    rt().block_on(async {
+        let mut c = custody::query::client(flight).await.unwrap();
+        use futures::TryStreamExt;
+        let mut s = c.do_action(arrow_flight_action()).await.unwrap();
+        let b = s.try_next().await.unwrap().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        v["size"].as_u64().unwrap()
+    })
+}
+
+fn arrow_flight_action() -> arrow_flight::Action {
+    arrow_flight::Action::new("status", "")
+}
+
+#[test]
+fn pgbench_statements_are_recorded_exactly_once_in_order_with_params_and_identity() {
+    let stack = Stack::start().unwrap();
+    let token = rt().block_on(stack.token());
+    let tunnel = stack.tunnel("pg", &token);
+    stack.pg.direct_sql("create table accounts(aid int primary key, abalance int); insert into accounts select g, g*10 from generate_series(1, 1000) g; create table e2e_log(id serial primary key, client int, aid int)").unwrap();
+    let script = stack.dir.path().join("bench.sql");
+    std::fs::write(
+        &script,
+        "\\set aid random(1, 1000)\nSELECT abalance FROM accounts WHERE aid = :aid;\nINSERT INTO e2e_log(client, aid) VALUES (:client_id, :aid);\n",
+    )
+    .unwrap();
+    let clients = 4;
+    let tx = 25;
+    for mode in ["simple", "extended", "prepared"] {
+        stack.pg.direct_sql("truncate e2e_log").unwrap();
+        let since = ledger_size(&stack.ledger.flight());
+        let out = pgbench(tunnel.port, mode, &script, clients, tx);
+        assert!(out.contains(&format!("number of transactions actually processed: {}/{}", clients * tx, clients * tx)), "{out}");
+        // What pgbench did, read directly from PostgreSQL.
+        let log = stack.pg.direct_sql("select client, aid from e2e_log order by id").unwrap();
+        let mut per_client: std::collections::BTreeMap<u32, Vec<serde_json::Value>> = Default::default();
+        for line in log.lines() {
+            let (c, aid) = line.split_once('|').unwrap();
+            let c: u32 = c.parse().unwrap();
+            let steps = per_client.entry(c).or_default();
+            if mode == "simple" {
+                steps.push(serde_json::json!({"sql": format!("SELECT abalance FROM accounts WHERE aid = {aid}"), "params": []}));
+                steps.push(serde_json::json!({"sql": format!("INSERT INTO e2e_log(client, aid) VALUES ({c}, {aid})"), "params": []}));
+            } else {
+                steps.push(serde_json::json!({"sql": "SELECT abalance FROM accounts WHERE aid = $1", "params": [aid]}));
+                steps.push(serde_json::json!({"sql": "INSERT INTO e2e_log(client, aid) VALUES ($1, $2)", "params": [c.to_string(), aid]}));
+            }
+        }
+        assert_eq!(per_client.len(), clients as usize);
+        let expect = serde_json::json!({
+            "subject": "ci-client",
+            "resource": "pg",
+            "since_index": since,
+            "statements": per_client.iter().map(|(c, s)| serde_json::json!({"client": c, "steps": s})).collect::<Vec<_>>(),
+        });
+        let path = stack.dir.path().join(format!("expect-{mode}.json"));
+        std::fs::write(&path, expect.to_string()).unwrap();
+        let report = stack.python("check_events.py", &[&stack.ledger.flight(), path.to_str().unwrap()]).unwrap_or_else(|e| panic!("mode {mode}: {e}"));
+        eprintln!("pgbench -M {mode}: {report}");
+    }
+    let out = custody_cmd(&stack.dir.path().join("home"), None).args(["verify", "--flight", &stack.ledger.flight()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn psql_session_is_recorded_with_results_errors_and_identity() {
+    let stack = Stack::start().unwrap();
+    let token = rt().block_on(stack.token());
+    let tunnel = stack.tunnel("pg", &token);
+    let out = tunnel.psql(&["-c", "create table t(id int, v text)", "-c", "insert into t values (1, 'one'), (2, NULL)", "-c", "select * from t order by id", "-c", "select 1/0"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("division by zero"), "{stderr}");
+    let home = stack.dir.path().join("home");
+    let rows = events_json(&home, &stack.ledger.flight(), &["--resource", "pg"]).unwrap();
+    let sid = rows[0]["session_id"].as_str().unwrap().to_string();
+    assert!(rows.iter().all(|r| r["subject"] == "ci-client" && r["groups"] == serde_json::json!(["ci", "dba"])));
+    let reqs: Vec<&str> = rows.iter().filter(|r| r["kind"] == "request").map(|r| r["sql"].as_str().unwrap()).collect();
+    assert_eq!(reqs, vec!["create table t(id int, v text)", "insert into t values (1, 'one'), (2, NULL)", "select * from t order by id", "select 1/0"]);
+    let select = rows.iter().find(|r| r["kind"] == "response" && r["command_tag"] == "SELECT 2").expect("select response");
+    assert_eq!(select["recorded_rows"].as_str().unwrap(), r#"[["1","one"],["2",null]]"#);
+    assert_eq!(select["columns"], serde_json::json!(["id", "v"]));
+    let err = rows.iter().find(|r| r["outcome"] == "error").expect("error response");
+    assert_eq!(err["error_sqlstate"], "22012");
+    assert_eq!(rows.first().unwrap()["kind"], "session_start");
+    assert_eq!(rows.first().unwrap()["application_name"], "psql");
+    assert_eq!(rows.last().unwrap()["kind"], "session_end");
+    // The same through the session filter and the sessions table.
+    let by_session = events_json(&home, &stack.ledger.flight(), &["--session", &sid]).unwrap();
+    assert_eq!(by_session.len(), rows.len());
+    let out = custody_cmd(&home, None).args(["sessions", "--format", "json", "--flight", &stack.ledger.flight()]).output().unwrap();
+    let s: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().next().unwrap()).unwrap();
+    assert_eq!(s["statements"], 4);
+    assert_eq!(s["errors"], 1);
+    assert_eq!(s["status"], "ended");
+    assert_eq!(s["end_reason"], "terminate");
+}
+
+#[test]
+fn statements_are_refused_and_nothing_runs_while_the_ledger_is_down() {
+    // A short append deadline keeps the test quick; the behaviour is the same at any deadline.
+    let mut stack = Stack::start_with(|_, _| Ok(String::new()), 1500).unwrap();
+    let token = rt().block_on(stack.token());
+    let tunnel = stack.tunnel("pg", &token);
+    stack.pg.direct_sql("create table fc(id int)").unwrap();
+    let out = tunnel.psql(&["-c", "insert into fc values (1)"]);
+    assert!(out.status.success());
+
+    // A session that is open when the ledger dies.
+    let mut raw = raw::RawPg::connect(tunnel.port).unwrap();
+    stack.ledger.kill();
+
+    raw.send(&raw::query("insert into fc values (2)")).unwrap();
+    let frames = raw.until(|f| f.tag() == b'Z').unwrap();
+    let (sev, code, msg) = raw::error_of(&frames[0]).expect("an ErrorResponse");
+    assert_eq!((sev.as_str(), code.as_str()), ("ERROR", "CU001"), "{msg}");
+    assert!(msg.contains("not executed") && msg.contains("audit ledger is unavailable"), "{msg}");
+    // Extended protocol too: error, skip until Sync, ReadyForQuery.
+    let mut batch = raw::parse("", "insert into fc values (3)");
+    batch.extend(raw::bind("", "", &[]));
+    batch.extend(raw::execute(""));
+    batch.extend(raw::sync());
+    raw.send(&batch).unwrap();
+    let frames = raw.until(|f| f.tag() == b'Z').unwrap();
+    assert_eq!(raw::tags(&frames), "EZ");
+    // A new session cannot start either.
+    let out = tunnel.psql(&["-c", "insert into fc values (4)"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("audit ledger is unavailable"), "{stderr}");
+    assert_eq!(stack.pg.direct_sql("select count(*) from fc").unwrap(), "1", "nothing reached the target");
+
+    // The ledger comes back: the open session works again, and its record says what happened.
+    stack.ledger.restart().unwrap();
+    raw.send(&raw::query("insert into fc values (5)")).unwrap();
+    let frames = raw.until(|f| f.tag() == b'Z').unwrap();
+    assert_eq!(raw::tags(&frames), "CZ");
+    assert_eq!(stack.pg.direct_sql("select array_agg(id order by id) from fc").unwrap(), "{1,5}");
+    raw.send(&raw::msg(b'X', b"")).unwrap();
+    assert!(raw.next().unwrap().is_none());
+    std::thread::sleep(Duration::from_millis(500));
+    let rows = events_json(&stack.dir.path().join("home"), &stack.ledger.flight(), &["--resource", "pg"]).unwrap();
+    let refused: Vec<_> = rows.iter().filter(|r| r["error_sqlstate"] == "CU001").collect();
+    assert_eq!(refused.len(), 2, "both refusals are on the record");
+    let sqls: Vec<&str> = rows.iter().filter(|r| r["message"] == "Query" || r["message"] == "Execute").filter_map(|r| r["sql"].as_str()).collect();
+    assert!(sqls.contains(&"insert into fc values (2)") && sqls.contains(&"insert into fc values (5)"));
+    let out = custody_cmd(&stack.dir.path().join("home"), None).args(["verify", "--flight", &stack.ledger.flight()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
