@@ -131,8 +131,14 @@ pub struct Postgres {
 }
 
 impl Postgres {
-    /// initdb + start, as an unprivileged user when running as root.
+    /// initdb + start, as an unprivileged user when running as root. Tests run with
+    /// `fsync=off`; their subject is the gateway, not PostgreSQL's durability.
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(&["fsync=off"])
+    }
+
+    /// As [`Postgres::start`], with server settings passed as `-c name=value`.
+    pub fn start_with(settings: &[&str]) -> anyhow::Result<Self> {
         use std::os::unix::process::CommandExt;
         let initdb = custody::dev::pg_binary("initdb").context("initdb not found")?;
         let postgres = custody::dev::pg_binary("postgres").context("postgres not found")?;
@@ -165,7 +171,10 @@ impl Postgres {
         let mut cmd = Command::new(postgres);
         cmd.arg("-D").arg(&data).args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1", "-c"])
             .arg(format!("unix_socket_directories={}", dir.path().display()))
-            .args(["-c", "fsync=off", "-c", "max_connections=200"]);
+            .args(["-c", "max_connections=200"]);
+        for setting in settings {
+            cmd.arg("-c").arg(setting);
+        }
         if let Some((u, g)) = ids {
             cmd.uid(u).gid(g).current_dir(dir.path());
         }

@@ -155,6 +155,29 @@ pub fn decode_frame(
     }))
 }
 
+/// The largest DataRow or CopyData the proxy streams through: PostgreSQL itself never
+/// builds a message of 1 GiB or more, so anything near 2 GiB is not a server talking.
+pub const MAX_STREAMED: usize = 2 << 30;
+
+/// If `buf` starts with the header of a server DataRow (`D`) or CopyData (`d`) whose whole
+/// frame is larger than `threshold` bytes, returns its type and total frame length (type
+/// byte included) so that the caller can pass the frame through as it arrives instead of
+/// holding it. `Ok(None)`: not such a frame, or the header is incomplete.
+pub fn streamable_backend_frame(buf: &[u8], threshold: usize) -> Result<Option<(u8, usize)>, CodecError> {
+    if buf.len() < 5 || !matches!(buf[0], b'D' | b'd') {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+    let total = len.saturating_add(1);
+    if total <= threshold {
+        return Ok(None);
+    }
+    if len > MAX_STREAMED {
+        return Err(CodecError::BadLength { tag: buf[0] as char, len: len as u64, min: 4, max: MAX_STREAMED });
+    }
+    Ok(Some((buf[0], total)))
+}
+
 /// The first packet on a connection, which has no type byte.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Startup {

@@ -7,7 +7,10 @@
 //! ledger = ["http://127.0.0.1:7400"]   # ledger gRPC endpoints
 //! append_timeout_ms = 5000             # fail closed after this long without a commit
 //! record_bytes_limit = 65536           # rows/params kept per response, the rest is counted
-//! max_message_bytes = 268435456        # largest PostgreSQL message accepted
+//! max_message_bytes = 268435456        # largest client message, and largest server message
+//!                                      # other than DataRow/CopyData (those stream through)
+//! response_hold_ms = 5                 # hold an idle session's response events this long so
+//!                                      # they share one commit with its next request (0: off)
 //!
 //! [tls]
 //! cert = "/etc/custody/proxy.pem"
@@ -62,6 +65,10 @@ pub struct ProxyConfig {
     /// Largest PostgreSQL message accepted from either side.
     #[serde(default = "default_max_message")]
     pub max_message_bytes: usize,
+    /// How long a session at rest holds its response events so that they share one ledger
+    /// commit with its next request. Responses reach the caller at once either way.
+    #[serde(default = "default_response_hold")]
+    pub response_hold_ms: u64,
     /// Most concurrent sessions.
     #[serde(default = "default_max_sessions")]
     pub max_sessions: usize,
@@ -188,6 +195,9 @@ fn default_append_timeout() -> u64 {
 }
 fn default_record_limit() -> usize {
     64 * 1024
+}
+fn default_response_hold() -> u64 {
+    5
 }
 fn default_max_message() -> usize {
     256 << 20

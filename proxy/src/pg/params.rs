@@ -98,7 +98,9 @@ pub fn render(value: Option<&[u8]>, format: i16, type_oid: u32, limit: usize) ->
         p.is_null = true;
         return p;
     };
-    if format == 0 {
+    // Binary text-like values are the text's bytes: cut them as text, not as raw bytes.
+    let text_like = matches!(type_oid, oid::TEXT | oid::VARCHAR | oid::BPCHAR | oid::NAME | oid::JSON);
+    if format == 0 || (text_like && std::str::from_utf8(&v[..v.len().min(limit)]).is_ok()) {
         let (kept, dropped) = cut(v, limit);
         p.text = String::from_utf8_lossy(kept).into_owned();
         p.truncated_bytes = dropped;

@@ -40,6 +40,12 @@ pub const SQLSTATE_DENIED: &str = "28000";
 const MAX_QUEUED_EVENTS: usize = 4096;
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 const READ_CHUNK: usize = 64 * 1024;
+/// Server messages above this size (or the record limit, if larger) are streamed through.
+const STREAM_THRESHOLD: usize = 1 << 20;
+/// A client pipeline without a Sync is forwarded in parts once it holds this many bytes.
+const FLIGHT_HOLD_BYTES: usize = 1 << 20;
+/// After a failed append, how long a session at rest waits before retrying its events.
+const LEDGER_RETRY_BACKOFF: Duration = Duration::from_millis(250);
 
 /// Everything a session needs from the proxy.
 pub struct SessionContext {
@@ -51,6 +57,9 @@ pub struct SessionContext {
     pub record_limit: usize,
     /// Largest message accepted.
     pub max_message: usize,
+    /// How long response events of a session at rest are held so that they share a commit
+    /// with the next request (zero: append them at once).
+    pub response_hold: Duration,
     /// Cancel keys of live sessions.
     pub cancels: CancelRegistry,
     /// Metrics.
@@ -332,25 +341,111 @@ where
     let mut terminate = false;
     let mut saw_fatal = false;
     let mut shutdown = ctx.shutdown.clone();
+    // Server messages larger than this are passed through as they arrive, never held whole;
+    // they are over the record limit, so nothing of them would have been recorded anyway.
+    let stream_threshold = STREAM_THRESHOLD.max(ctx.record_limit.saturating_add(5));
+    // Bytes of a streamed server message still to pass through.
+    let mut passthrough: usize = 0;
+
+    // When set, queued events wait until then before an append starts, while the session is
+    // at rest: either response events held briefly so that they share one commit with the
+    // next request (the ledger makes them durable together, responses first, so no request
+    // is forwarded before the previous response is committed), or a back-off after a
+    // failed append.
+    let mut hold_until: Option<tokio::time::Instant> = None;
+    // Whether the last forwarded flight ended with a message the server answers at once.
+    let mut forwarded_flush_point = true;
+    // Whether responses to earlier flights were outstanding when the current flight was
+    // recorded; a refusal then cannot be answered in order, and closes the session.
+    let mut outstanding_before_flight = false;
+    // Client bytes are buffered that have not been split into frames yet.
+    let mut client_ready = !cbuf.is_empty();
 
     let ending = loop {
-        // Promote a held flight when everything before it is settled.
+        // Split what the client sent into a flight. A flight ends at the first Sync, so that
+        // each Sync-delimited segment is recorded after the answers to the one before: a
+        // statement name is bound to its SQL only once the server confirmed the Parse.
+        if client_ready && state == FlightState::Idle && !terminate {
+            client_ready = false;
+            let mut error = None;
+            loop {
+                match decode_frame(&mut cbuf, Side::Frontend, ctx.max_message) {
+                    Ok(Some(f)) => {
+                        if let Err(e) = Frontend::parse(&f) {
+                            error = Some((e.sqlstate(), e.to_string()));
+                            break;
+                        }
+                        if refusing_until_sync {
+                            if f.tag() == b'S' {
+                                refusing_until_sync = false;
+                                let rfq = [b'Z', 0, 0, 0, 5, tracker.tx_status()];
+                                if cwr.write_all(&rfq).await.is_err() {
+                                    break;
+                                }
+                            }
+                            continue;
+                        }
+                        let tag = f.tag();
+                        flight.push(f);
+                        if tag == b'X' {
+                            terminate = true;
+                            break;
+                        }
+                        if tag == b'S' {
+                            // The rest stays buffered for the next flight.
+                            client_ready = !cbuf.is_empty();
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        error = Some((e.sqlstate(), e.to_string()));
+                        break;
+                    }
+                }
+            }
+            if let Some((code, msg)) = error {
+                let _ = cwr.write_all(&fatal(code, &format!("custody: invalid message from client: {msg}"), None)).await;
+                break Ending::new("protocol_error", msg);
+            }
+            // A flight is complete at a message the server answers at once. Until then keep
+            // reading: the server would hold its replies anyway, and recording the whole
+            // pipeline takes one commit, not one per read. A client that sends more than
+            // FLIGHT_HOLD_BYTES without a Sync gets it forwarded in parts.
+            let complete = flight.last().is_some_and(|f| is_flush_point(f.tag()))
+                || tracker.in_copy_in()
+                || flight.iter().map(|f| f.raw.len()).sum::<usize>() >= FLIGHT_HOLD_BYTES;
+            if !flight.is_empty() && complete {
+                state = FlightState::Waiting;
+            }
+        }
+
+        // Promote a held flight when everything before it is settled. Events still queued
+        // (held responses, or ones whose append failed) go to the ledger in the same append,
+        // ahead of the flight's.
         if state == FlightState::Waiting {
-            let answered = !tracker.awaiting_response() || tracker.in_copy_in();
-            if ctx.recorder.is_idle() && answered {
+            // Wait for the answers to what was forwarded before, so that a refused flight can
+            // be answered in order; but only if the server will answer without more input:
+            // PostgreSQL holds its replies until Sync or Flush.
+            let answered = !tracker.awaiting_response() || tracker.in_copy_in() || !forwarded_flush_point;
+            if !ctx.recorder.has_inflight() && answered {
+                outstanding_before_flight = tracker.awaiting_response() && !tracker.in_copy_in();
                 if let Err(e) = record_flight(&flight, &mut tracker, &mut ctx.recorder) {
                     let _ = cwr.write_all(&fatal("08P01", &format!("custody: {e}"), None)).await;
                     break Ending::new("protocol_error", e.to_string());
                 }
-                ctx.recorder.start_flush();
                 state = FlightState::Recording;
-            } else if !ctx.recorder.has_inflight() && ctx.recorder.queued() > 0 {
-                // Earlier events failed to commit; retry them before this flight.
-                ctx.recorder.start_flush();
             }
+        }
+        // Keep appends going whenever events are queued, unless the session is at rest and
+        // they are being held.
+        if !ctx.recorder.has_inflight() && ctx.recorder.queued() > 0 && (state != FlightState::Idle || hold_until.is_none()) {
+            ctx.recorder.start_flush();
+            hold_until = None;
         }
         if state == FlightState::Recording && ctx.recorder.is_idle() {
             // Committed: forward the flight.
+            forwarded_flush_point = flight.last().is_some_and(|f| is_flush_point(f.tag()));
             let mut out = BytesMut::new();
             for f in flight.drain(..) {
                 out.extend_from_slice(&f.raw);
@@ -366,7 +461,10 @@ where
             }
         }
 
-        let read_client = state == FlightState::Idle && !terminate;
+        if tbuf.capacity() - tbuf.len() < READ_CHUNK / 4 {
+            tbuf.reserve(READ_CHUNK);
+        }
+        let read_client = state == FlightState::Idle && !terminate && !client_ready;
         let read_target = ctx.recorder.queued() < MAX_QUEUED_EVENTS;
         tokio::select! {
             r = trd.read_buf(&mut tbuf), if read_target => {
@@ -383,6 +481,27 @@ where
                 let mut out = BytesMut::new();
                 let mut failure = None;
                 loop {
+                    if passthrough > 0 {
+                        let n = passthrough.min(tbuf.len());
+                        if n == 0 {
+                            break;
+                        }
+                        out.extend_from_slice(&tbuf.split_to(n));
+                        passthrough -= n;
+                        continue;
+                    }
+                    match pg::streamable_backend_frame(&tbuf, stream_threshold) {
+                        Ok(Some((tag, total))) => {
+                            if let Err(e) = tracker.on_streamed_response(tag, total) {
+                                failure = Some(Ending::new("protocol_error", e.to_string()));
+                                break;
+                            }
+                            passthrough = total;
+                            continue;
+                        }
+                        Ok(None) => {}
+                        Err(e) => { failure = Some(Ending::new("target_error", format!("target sent an invalid frame: {e}"))); break; }
+                    }
                     match decode_frame(&mut tbuf, Side::Backend, ctx.max_message) {
                         Ok(Some(f)) => {
                             match Backend::parse(&f) {
@@ -410,7 +529,10 @@ where
                         Err(e) => { failure = Some(Ending::new("target_error", format!("target sent an invalid frame: {e}"))); break; }
                     }
                 }
-                ctx.recorder.start_flush();
+                if state == FlightState::Idle && !tracker.awaiting_response() && ctx.recorder.queued() > 0 && ctx.response_hold > Duration::ZERO {
+                    // Every request is answered: hold the response events for the next request.
+                    hold_until.get_or_insert_with(|| tokio::time::Instant::now() + ctx.response_hold);
+                }
                 if !out.is_empty() {
                     if let Err(e) = cwr.write_all(&out).await {
                         break Ending::new("client_eof", e.to_string());
@@ -426,55 +548,28 @@ where
                 match r {
                     Ok(0) => break Ending::new("client_eof", ""),
                     Err(e) => break Ending::new("client_eof", e.to_string()),
-                    Ok(_) => {}
+                    Ok(_) => client_ready = true,
                 }
-                let mut error = None;
-                loop {
-                    match decode_frame(&mut cbuf, Side::Frontend, ctx.max_message) {
-                        Ok(Some(f)) => {
-                            if let Err(e) = Frontend::parse(&f) {
-                                error = Some((e.sqlstate(), e.to_string()));
-                                break;
-                            }
-                            if refusing_until_sync {
-                                if f.tag() == b'S' {
-                                    refusing_until_sync = false;
-                                    let rfq = [b'Z', 0, 0, 0, 5, tracker.tx_status()];
-                                    if cwr.write_all(&rfq).await.is_err() { break; }
-                                }
-                                continue;
-                            }
-                            if f.tag() == b'X' {
-                                terminate = true;
-                            }
-                            flight.push(f);
-                            if terminate { break; }
-                        }
-                        Ok(None) => break,
-                        Err(e) => { error = Some((e.sqlstate(), e.to_string())); break; }
-                    }
-                }
-                if let Some((code, msg)) = error {
-                    let _ = cwr.write_all(&fatal(code, &format!("custody: invalid message from client: {msg}"), None)).await;
-                    break Ending::new("protocol_error", msg);
-                }
-                if !flight.is_empty() {
-                    state = FlightState::Waiting;
-                }
+            }
+            _ = tokio::time::sleep_until(hold_until.unwrap_or_else(tokio::time::Instant::now)), if hold_until.is_some() && !ctx.recorder.has_inflight() => {
+                hold_until = None;
             }
             r = ctx.recorder.wait(), if ctx.recorder.has_inflight() => {
                 if let Err(e) = r {
+                    hold_until = Some(tokio::time::Instant::now() + LEDGER_RETRY_BACKOFF);
                     ctx.metrics.ledger_failures.inc();
                     warn!(session_id = %session_id, error = %e, queued = ctx.recorder.queued(), "ledger append failed");
-                    if state != FlightState::Idle {
+                    // Only the append that carried the flight's own events can refuse it. A
+                    // flight still waiting (behind a retry of earlier events that failed) is
+                    // recorded next and gets its own full deadline.
+                    if state == FlightState::Recording && outstanding_before_flight {
+                        // Earlier replies are still to come; an emulated refusal would overtake them.
                         ctx.metrics.refused_ledger.inc();
-                        if state == FlightState::Waiting {
-                            // The flight was never recorded; record it now (it will reach the
-                            // ledger with the refusal when the ledger returns).
-                            if let Err(te) = record_flight(&flight, &mut tracker, &mut ctx.recorder) {
-                                break Ending::new("protocol_error", te.to_string());
-                            }
-                        }
+                        let _ = cwr.write_all(&fatal(SQLSTATE_LEDGER_UNAVAILABLE, &ledger_refusal_message(&e), Some(LEDGER_HINT))).await;
+                        break Ending::new("ledger_unavailable", e.to_string());
+                    }
+                    if state == FlightState::Recording {
+                        ctx.metrics.refused_ledger.inc();
                         match refuse_flight(&mut flight, &mut tracker, &mut ctx, &e, &mut twr).await {
                             Ok(Refusal { reply, until_sync }) => {
                                 refusing_until_sync = until_sync;
@@ -502,6 +597,11 @@ where
 }
 
 /// Turns a flight into request events (queued on the recorder) and updates the tracker.
+/// Frontend messages after which PostgreSQL answers without waiting for more input.
+fn is_flush_point(tag: u8) -> bool {
+    matches!(tag, b'S' | b'H' | b'Q' | b'F' | b'c' | b'f' | b'X')
+}
+
 fn record_flight(
     flight: &[Frame],
     tracker: &mut SessionTracker,

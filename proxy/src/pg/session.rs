@@ -539,6 +539,46 @@ impl SessionTracker {
         }
     }
 
+    /// Checks that a DataRow may arrive now and opens the result it belongs to.
+    fn begin_data_row(&mut self) -> Result<(), TrackError> {
+        match self.head().map(|p| p.expect.clone()) {
+            Some(Expect::Execute { portal }) if self.result.is_none() => {
+                let cols = self
+                    .portals
+                    .get(&portal)
+                    .or_else(|| self.shadow_portals.get(&portal))
+                    .map(|p| p.columns.clone())
+                    .unwrap_or_default();
+                self.result = Some(ResultAcc {
+                    columns: cols,
+                    ..Default::default()
+                });
+                Ok(())
+            }
+            Some(Expect::Execute { .. } | Expect::Query) => Ok(()),
+            _ => Err(self.unexpected("DataRow")),
+        }
+    }
+
+    /// Records a DataRow (`tag` `D`) or CopyData (`d`) of `frame_len` bytes that the proxy
+    /// streams to the client without holding it, because it is larger than the record limit.
+    /// It is counted and recorded as truncated, exactly as [`SessionTracker::on_response`]
+    /// treats a row over the limit.
+    pub fn on_streamed_response(&mut self, tag: u8, frame_len: usize) -> Result<(), TrackError> {
+        match tag {
+            b'D' => self.begin_data_row()?,
+            b'd' if self.copy_out => {}
+            b'd' => return Err(self.unexpected("CopyData")),
+            _ => return Err(self.unexpected("a streamed message other than DataRow or CopyData")),
+        }
+        let acc = self.result();
+        acc.rows += 1;
+        acc.bytes += frame_len as u64;
+        acc.rows_truncated += 1;
+        acc.bytes_truncated += frame_len as u64;
+        Ok(())
+    }
+
     /// Records a backend message that is being relayed to the client. Returns the response
     /// bodies completed by it.
     pub fn on_response(&mut self, msg: &Backend<'_>, frame_len: usize) -> Result<Vec<PgResponse>, TrackError> {
@@ -570,11 +610,16 @@ impl SessionTracker {
                     }
                 }
             }
-            Backend::ParameterDescription { .. } => match self.head() {
-                Some(Pending {
-                    expect: Expect::Describe { kind: b'S', .. },
-                    ..
-                }) => {}
+            Backend::ParameterDescription { types } => match self.head().map(|p| p.expect.clone()) {
+                // The server's parameter types let later Binds decode binary values even
+                // when the client's Parse left the types to the server (oid 0).
+                Some(Expect::Describe { kind: b'S', name }) => {
+                    for m in [&mut self.shadow_statements, &mut self.statements] {
+                        if let Some(s) = m.get_mut(&name) {
+                            s.param_types = types.clone();
+                        }
+                    }
+                }
                 _ => return Err(self.unexpected("ParameterDescription")),
             },
             Backend::NoData => {
@@ -613,22 +658,7 @@ impl SessionTracker {
                 }
             }
             Backend::DataRow(row) => {
-                match self.head().map(|p| p.expect.clone()) {
-                    Some(Expect::Execute { portal }) if self.result.is_none() => {
-                        let cols = self
-                            .portals
-                            .get(&portal)
-                            .or_else(|| self.shadow_portals.get(&portal))
-                            .map(|p| p.columns.clone())
-                            .unwrap_or_default();
-                        self.result = Some(ResultAcc {
-                            columns: cols,
-                            ..Default::default()
-                        });
-                    }
-                    Some(Expect::Execute { .. } | Expect::Query) => {}
-                    _ => return Err(self.unexpected("DataRow")),
-                }
+                self.begin_data_row()?;
                 self.record_row(row.cells().collect(), frame_len);
             }
             Backend::CopyInResponse => {
@@ -957,5 +987,23 @@ mod tests {
         assert_eq!(out[1].1.message, "CopyDone");
         let r = t.resp(be(b'C', b"COPY 2\0"));
         assert_eq!(r[0].command_tag, "COPY 2");
+    }
+
+    #[test]
+    fn a_streamed_row_is_counted_as_truncated_and_checked_like_any_row() {
+        let mut t = T::new();
+        // Not expected: no request is outstanding.
+        assert!(t.t.on_streamed_response(b'D', 10 << 20).is_err());
+        t.req(fe(b'Q', b"select big\0"));
+        t.resp(be(b'T', &[0, 0]));
+        t.t.on_streamed_response(b'D', 10 << 20).unwrap();
+        // CopyData outside COPY OUT is refused.
+        assert!(t.t.on_streamed_response(b'd', 10 << 20).is_err());
+        let r = t.resp(be(b'C', b"SELECT 1\0"));
+        t.resp(be(b'Z', b"I"));
+        assert_eq!(r[0].rows, 1);
+        assert_eq!(r[0].rows_truncated, 1);
+        assert_eq!(r[0].bytes_truncated, 10 << 20);
+        assert!(r[0].recorded_rows.is_empty());
     }
 }

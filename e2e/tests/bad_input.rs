@@ -1,0 +1,262 @@
+//! Hostile and broken input: bad tokens, unknown resources, policy, malformed frames,
+//! garbage on the QUIC stream, a target refusing the gateway's credential. Each gets a clear
+//! error; nothing else is disturbed.
+
+use std::process::Command;
+use std::time::Duration;
+
+use base64::Engine;
+use custody_e2e::raw::{self, RawPg};
+use custody_e2e::*;
+use hmac::Mac;
+
+fn b64(v: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v)
+}
+
+fn claims(iss: &str) -> serde_json::Value {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    serde_json::json!({"iss": iss, "sub": "mallory", "aud": "urn:custody", "iat": now, "exp": now + 600, "groups": ["dba"]})
+}
+
+/// Runs `custody connect` expecting it to refuse; returns its stderr.
+fn connect_refused(stack: &Stack, resource: &str, token: &str) -> String {
+    let port = free_port();
+    let out = custody_cmd(&stack.dir.path().join("home"), Some(token))
+        .args(["connect", resource, "--port", &port.to_string(), "--proxy", &stack.proxy.quic.to_string(), "--pin", &stack.proxy.pin, "--server-name", "localhost"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "connect should fail; stderr: {stderr}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("listening"), "it must not listen");
+    assert!(!stderr.contains(token) || token.len() < 8, "the token is never printed");
+    stderr
+}
+
+#[test]
+fn every_bad_token_is_refused_with_the_check_that_failed() {
+    let stack = Stack::start().unwrap();
+    let r = rt();
+    let good = r.block_on(stack.token());
+
+    let err = connect_refused(&stack, "pg", "not-a-jwt");
+    assert!(err.contains("not a well-formed JWT"), "{err}");
+
+    let none = format!("{}.{}.", b64(br#"{"alg":"none","typ":"JWT"}"#), b64(claims(&stack.oidc.issuer).to_string().as_bytes()));
+    let err = connect_refused(&stack, "pg", &none);
+    assert!(err.contains("unsigned (alg: none)"), "{err}");
+
+    // The classic confusion attack: HS256 keyed with the issuer's published public key.
+    let jwks: serde_json::Value = r.block_on(async {
+        reqwest::get(format!("{}/jwks", stack.oidc.issuer)).await.unwrap().json().await.unwrap()
+    });
+    let public_key = jwks["keys"][0].to_string();
+    let signing_input = format!("{}.{}", b64(br#"{"alg":"HS256","typ":"JWT"}"#), b64(claims(&stack.oidc.issuer).to_string().as_bytes()));
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(public_key.as_bytes()).unwrap();
+    mac.update(signing_input.as_bytes());
+    let hs = format!("{signing_input}.{}", b64(&mac.finalize().into_bytes()));
+    let err = connect_refused(&stack, "pg", &hs);
+    assert!(err.contains("shared-secret algorithm HS256"), "{err}");
+
+    // A real token with its payload changed keeps a signature that no longer matches.
+    let parts: Vec<&str> = good.split('.').collect();
+    let mut payload: serde_json::Value = serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
+    payload["sub"] = "admin".into();
+    let forged = format!("{}.{}.{}", parts[0], b64(payload.to_string().as_bytes()), parts[2]);
+    let err = connect_refused(&stack, "pg", &forged);
+    assert!(err.contains("signature is invalid"), "{err}");
+
+    let other_aud = r.block_on(stack.oidc.client_token("ci-client", "urn:other")).unwrap();
+    let err = connect_refused(&stack, "pg", &other_aud);
+    assert!(err.contains("audience is wrong") && err.contains("urn:other"), "{err}");
+
+    let other = Oidc::start(stack.dir.path()).unwrap();
+    let foreign = r.block_on(other.client_token("ci-client", "urn:custody")).unwrap();
+    let err = connect_refused(&stack, "pg", &foreign);
+    assert!(err.contains("is not trusted by this proxy"), "{err}");
+
+    let short = r.block_on(stack.oidc.client_token("ci-short", "urn:custody")).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let err = connect_refused(&stack, "pg", &short);
+    assert!(err.contains("token expired at"), "{err}");
+
+    // No token at all.
+    let out = custody_cmd(&stack.dir.path().join("empty-home"), None)
+        .args(["connect", "pg", "--port", &free_port().to_string(), "--proxy", &stack.proxy.quic.to_string(), "--pin", &stack.proxy.pin])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("set CUSTODY_TOKEN, pass --token-file, or run `custody login`"));
+
+    // Unknown resource and policy denial.
+    let err = connect_refused(&stack, "nope", &good);
+    assert!(err.contains("unknown resource \"nope\""), "{err}");
+    let nogroups = r.block_on(stack.oidc.client_token("ci-nogroups", "urn:custody")).unwrap();
+    let err = connect_refused(&stack, "pg", &nogroups);
+    assert!(err.contains("may not reach resource \"pg\""), "{err}");
+
+    // None of them opened a session; the policy denial is on the record.
+    let rows = events_json(&stack.dir.path().join("home"), &stack.ledger.flight(), &[]).unwrap();
+    assert!(rows.iter().all(|e| e["kind"] == "denied"), "{rows:?}");
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["subject"], "ci-nogroups");
+
+    // A token file works like CUSTODY_TOKEN (for CI), and the proxy is still healthy.
+    let tf = stack.dir.path().join("token");
+    std::fs::write(&tf, &good).unwrap();
+    let t = Tunnel::start_with(stack.dir.path(), &stack.proxy, "pg", custody_cmd(&stack.dir.path().join("home"), None), &["--token-file", tf.to_str().unwrap()]).unwrap();
+    assert!(t.psql(&["-c", "select 1"]).status.success());
+}
+
+#[test]
+fn malformed_frames_and_garbage_streams_close_only_their_session() {
+    let stack = Stack::start().unwrap();
+    let token = rt().block_on(stack.token());
+    let t = stack.tunnel("pg", &token);
+    let mut healthy = RawPg::connect(t.port).unwrap();
+
+    // A frame claiming 2 GiB.
+    let mut c = RawPg::connect(t.port).unwrap();
+    c.send(&[b'Q', 0x7f, 0xff, 0xff, 0xff]).unwrap();
+    let f = c.next().unwrap().expect("an error before close");
+    let (sev, code, msg) = raw::error_of(&f).unwrap();
+    assert_eq!((sev.as_str(), code.as_str()), ("FATAL", "54000"), "{msg}");
+    assert!(c.next().unwrap().is_none());
+
+    // An unknown message type, and a Bind whose counts lie.
+    let mut c = RawPg::connect(t.port).unwrap();
+    c.send(&[0u8, 0, 0, 0, 8, 1, 2, 3, 4]).unwrap();
+    let (sev, code, _) = raw::error_of(&c.next().unwrap().unwrap()).unwrap();
+    assert_eq!((sev.as_str(), code.as_str()), ("FATAL", "08P01"));
+    let mut c = RawPg::connect(t.port).unwrap();
+    c.send(&raw::msg(b'B', &[0, 0, 0, 0, 0x7f, 0xff])).unwrap();
+    let (_, code, msg) = raw::error_of(&c.next().unwrap().unwrap()).unwrap();
+    assert_eq!(code, "08P01", "{msg}");
+
+    // A bad startup packet.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", t.port)).unwrap();
+    use std::io::{Read, Write};
+    s.write_all(&[0, 0, 0, 8, 0, 9, 0, 0]).unwrap();
+    let mut buf = Vec::new();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.read_to_end(&mut buf);
+    assert!(String::from_utf8_lossy(&buf).contains("unsupported frontend protocol 9.0"));
+
+    // Garbage, and an oversized preamble, straight onto a QUIC stream.
+    rt().block_on(async {
+        let ep = custody::quic::endpoint(&custody::quic::Trust::pin(&stack.proxy.pin).unwrap()).unwrap();
+        let conn = ep.connect(stack.proxy.quic, "localhost").unwrap().await.unwrap();
+        for junk in [&b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..], &b"CSTD\x7f\xff\xff\xff"[..]] {
+            let (mut send, mut recv) = conn.open_bi().await.unwrap();
+            send.write_all(junk).await.unwrap();
+            let _ = send.finish();
+            let reply = tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(1 << 16)).await.unwrap().unwrap();
+            let mut b = bytes::BytesMut::from(&reply[..]);
+            let accept: custody_proto::tunnel::StreamAccept = custody_proto::tunnel::decode(&mut b).unwrap().unwrap();
+            assert_eq!(accept.status, custody_proto::tunnel::AcceptStatus::BadRequest as i32, "{}", accept.message);
+        }
+    });
+
+    // The first session never noticed.
+    healthy.send(&raw::query("select 1")).unwrap();
+    assert_eq!(raw::tags(&healthy.until(|f| f.tag() == b'Z').unwrap()), "TDCZ");
+    let ev = events_json(&stack.dir.path().join("home"), &stack.ledger.flight(), &[]).unwrap();
+    let reasons: Vec<&str> = ev.iter().filter(|e| e["kind"] == "session_end").filter_map(|e| e["reason"].as_str()).collect();
+    assert_eq!(reasons.iter().filter(|r| r.starts_with("protocol_error")).count(), 3, "{reasons:?}");
+}
+
+#[test]
+fn a_target_refusing_the_gateway_credential_is_reported_without_the_credential() {
+    let stack = Stack::start().unwrap();
+    let t = stack.tunnel("pg-badcred", &rt().block_on(stack.token()));
+    let out = t.psql(&["-c", "select 1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("refused the gateway's login as \"custody_gateway\""), "{stderr}");
+    assert!(stderr.contains("28P01"), "{stderr}");
+    assert!(!stderr.contains("not-the-password"));
+    let log = std::fs::read_to_string(&stack.proxy.proc.log).unwrap();
+    assert!(!log.contains("not-the-password") && !log.contains(&stack.pg.password), "no credential in the proxy log");
+    let ev = events_json(&stack.dir.path().join("home"), &stack.ledger.flight(), &[]).unwrap();
+    let end = ev.iter().find(|e| e["kind"] == "session_end").unwrap();
+    assert!(end["reason"].as_str().unwrap().starts_with("target_error"), "{end}");
+    assert!(!serde_json::to_string(&ev).unwrap().contains("not-the-password"));
+}
+
+#[test]
+fn login_with_authorization_code_and_pkce_then_connect_with_the_cached_token() {
+    let stack = Stack::start().unwrap();
+    let home = stack.dir.path().join("alice-home");
+    let mut child = custody_cmd(&home, None)
+        .args(["login", "--issuer", &stack.oidc.issuer, "--client-id", "custody-cli", "--audience", "urn:custody", "--no-browser"])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let url = {
+        use std::io::BufRead;
+        let mut r = std::io::BufReader::new(stderr);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(r.read_line(&mut line).unwrap() > 0, "custody login printed no URL");
+            if line.trim_start().starts_with("http") {
+                break line.trim().to_string();
+            }
+        }
+    };
+    // Drive oidc-provider's login and consent pages as a browser would.
+    rt().block_on(async {
+        let http = reqwest::Client::builder().cookie_store(true).redirect(reqwest::redirect::Policy::none()).build().unwrap();
+        let mut next = url::Url::parse(&url).unwrap();
+        let mut post: Option<Vec<(String, String)>> = None;
+        for _ in 0..20 {
+            let resp = match post.take() {
+                Some(form) => http.post(next.clone()).form(&form).send().await.unwrap(),
+                None => http.get(next.clone()).send().await.unwrap(),
+            };
+            if resp.status().is_redirection() {
+                let loc = resp.headers()["location"].to_str().unwrap().to_string();
+                next = next.join(&loc).unwrap();
+                if next.path() == "/callback" {
+                    let r = http.get(next.clone()).send().await.unwrap();
+                    assert!(r.status().is_success());
+                    return;
+                }
+                continue;
+            }
+            let html = resp.text().await.unwrap();
+            let action = html.split("action=\"").nth(1).and_then(|s| s.split('"').next()).unwrap_or_else(|| panic!("no form in {html}"));
+            let mut form = Vec::new();
+            for input in html.split("<input").skip(1) {
+                let attr = |n: &str| input.split(&format!("{n}=\"")).nth(1).and_then(|s| s.split('"').next()).map(str::to_string);
+                if let Some(name) = attr("name") {
+                    let value = match name.as_str() {
+                        "login" => "alice".to_string(),
+                        "password" => "any".to_string(),
+                        _ => attr("value").unwrap_or_default(),
+                    };
+                    form.push((name, value));
+                }
+            }
+            next = next.join(action).unwrap();
+            post = Some(form);
+        }
+        panic!("login did not reach the callback");
+    });
+    let status = child.wait().unwrap();
+    assert!(status.success());
+    let cache = home.join("token.json");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&cache).unwrap().permissions().mode() & 0o777, 0o600);
+
+    // The cached token is used with no CUSTODY_TOKEN and no prompt.
+    let t = Tunnel::start_with(stack.dir.path(), &stack.proxy, "pg", custody_cmd(&home, None), &[]).unwrap();
+    let out = t.psql(&["-At", "-c", "select 'as alice'"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ev = events_json(&home, &stack.ledger.flight(), &["--identity", "alice"]).unwrap();
+    assert!(!ev.is_empty());
+    assert!(ev.iter().all(|e| e["subject"] == "alice" && e["email"] == "alice@example.test" && e["groups"] == serde_json::json!(["dba"])));
+    assert!(ev.iter().any(|e| e["sql"] == "select 'as alice'"));
+    let _ = Command::new("true").status();
+}
