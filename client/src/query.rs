@@ -111,9 +111,9 @@ pub async fn fetch(url: &str, ticket: &Value) -> anyhow::Result<Vec<RecordBatch>
     stream.try_collect().await.map_err(|e| anyhow!("reading Flight stream: {e}"))
 }
 
-const EVENT_TABLE_COLUMNS: [&str; 12] = [
+const EVENT_TABLE_COLUMNS: [&str; 13] = [
     "index", "commit_time", "session_id", "seq", "kind", "subject", "resource", "message", "sql", "params", "outcome",
-    "rows",
+    "command_tag", "rows",
 ];
 
 /// Prints batches in `format`. For tables, `columns` narrows what is shown.
@@ -148,11 +148,47 @@ pub fn print(batches: &[RecordBatch], format: Format, columns: Option<&[&str]>) 
         Format::Csv => {
             let mut w = arrow::csv::WriterBuilder::new().with_header(true).build(&mut out);
             for b in batches {
-                w.write(b)?;
+                w.write(&lists_as_json_text(b)?)?;
             }
         }
     }
     Ok(())
+}
+
+/// CSV has no nested types: each list column (groups, params, columns) becomes a UTF-8
+/// column holding the list as a JSON array, so that a spreadsheet or `jq` can still read it
+/// exactly (a NULL element stays `null`, a NULL list stays an empty cell).
+pub fn lists_as_json_text(b: &RecordBatch) -> anyhow::Result<RecordBatch> {
+    use arrow::array::{ArrayRef, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use std::sync::Arc;
+    let mut fields = Vec::with_capacity(b.num_columns());
+    let mut cols: Vec<ArrayRef> = Vec::with_capacity(b.num_columns());
+    for (f, c) in b.schema().fields().iter().zip(b.columns()) {
+        let DataType::List(_) = f.data_type() else {
+            fields.push(f.as_ref().clone());
+            cols.push(c.clone());
+            continue;
+        };
+        let list = c.as_list::<i32>();
+        let text: StringArray = (0..list.len())
+            .map(|i| -> anyhow::Result<Option<String>> {
+                if list.is_null(i) {
+                    return Ok(None);
+                }
+                let items = list.value(i);
+                let items = arrow::compute::cast(&items, &DataType::Utf8)?;
+                let items = items.as_string::<i32>();
+                let v: Vec<Value> = (0..items.len())
+                    .map(|j| if items.is_null(j) { Value::Null } else { Value::String(items.value(j).to_string()) })
+                    .collect();
+                Ok(Some(Value::Array(v).to_string()))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        fields.push(Field::new(f.name(), DataType::Utf8, true));
+        cols.push(Arc::new(text));
+    }
+    Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)?)
 }
 
 /// `custody events`.

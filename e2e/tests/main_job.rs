@@ -105,6 +105,19 @@ fn psql_session_is_recorded_with_results_errors_and_identity() {
     assert_eq!(rows.first().unwrap()["kind"], "session_start");
     assert_eq!(rows.first().unwrap()["application_name"], "psql");
     assert_eq!(rows.last().unwrap()["kind"], "session_end");
+    // CSV, for spreadsheets: one line per event after the header, lists as JSON arrays.
+    let out = custody_cmd(&home, None).args(["events", "--format", "csv", "--resource", "pg", "--flight", &stack.ledger.flight()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let csv = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(csv.starts_with("index,commit_time,"), "{csv}");
+    assert!(csv.contains(r#""[""ci"",""dba""]""#), "groups as a JSON array: {csv}");
+    assert_eq!(csv.lines().filter(|l| l.contains(&sid)).count(), rows.len());
+    // Time ranges: everything is within the last 10 minutes, nothing is older than an hour.
+    assert_eq!(events_json(&home, &stack.ledger.flight(), &["--resource", "pg", "--since", "10m"]).unwrap().len(), rows.len());
+    assert!(events_json(&home, &stack.ledger.flight(), &["--resource", "pg", "--until", "1h"]).unwrap().is_empty());
+    assert!(events_json(&home, &stack.ledger.flight(), &["--resource", "pg", "--identity", "someone-else"]).unwrap().is_empty());
+    let reqs_only = events_json(&home, &stack.ledger.flight(), &["--resource", "pg", "--kind", "request"]).unwrap();
+    assert!(!reqs_only.is_empty() && reqs_only.iter().all(|r| r["kind"] == "request"));
     // The same through the session filter and the sessions table.
     let by_session = events_json(&home, &stack.ledger.flight(), &["--session", &sid]).unwrap();
     assert_eq!(by_session.len(), rows.len());
