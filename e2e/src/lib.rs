@@ -252,6 +252,14 @@ impl Oidc {
         Ok(r["access_token"].as_str().with_context(|| format!("no access_token in {r}"))?.to_string())
     }
 
+    /// Stops it and starts a fresh provider, with a new signing key, at the same address.
+    pub fn restart(&mut self, logs: &Path) -> anyhow::Result<()> {
+        let port = self.port;
+        self.proc.kill();
+        *self = Self::start_on(logs, port)?;
+        Ok(())
+    }
+
     /// Stops it.
     pub fn stop(mut self) {
         self.proc.kill();

@@ -260,3 +260,25 @@ fn login_with_authorization_code_and_pkce_then_connect_with_the_cached_token() {
     assert!(ev.iter().any(|e| e["sql"] == "select 'as alice'"));
     let _ = Command::new("true").status();
 }
+
+#[test]
+fn a_rotated_issuer_key_is_fetched_on_first_sight_and_the_retired_key_is_refused() {
+    let mut stack = Stack::start().unwrap();
+    let old = rt().block_on(stack.token());
+    let t = stack.tunnel("pg", &old);
+    assert!(t.psql(&["-c", "select 1"]).status.success());
+    // The issuer restarts with a new signing key (a new kid) at the same address.
+    let dir = stack.dir.path().to_path_buf();
+    stack.oidc.restart(&dir).unwrap();
+    // The proxy refetches its JWKS at most every 10 s; wait that out so the test asserts the
+    // refresh, not the throttle.
+    std::thread::sleep(Duration::from_secs(11));
+    let new = rt().block_on(stack.token());
+    let t2 = stack.tunnel("pg", &new);
+    let out = t2.psql(&["-At", "-c", "select 'new key'"]);
+    assert!(out.status.success(), "a token under the new key is accepted: {}", String::from_utf8_lossy(&out.stderr));
+    // The old key is gone from the JWKS: its tokens no longer verify.
+    std::thread::sleep(Duration::from_secs(11));
+    let err = connect_refused(&stack, "pg", &old);
+    assert!(err.contains("no key in the issuer's JWKS matches"), "{err}");
+}
