@@ -27,6 +27,10 @@ pub struct Args {
     /// Print the table without writing bench/RESULTS.md.
     #[arg(long)]
     no_write: bool,
+    /// Only these paths (direct, pgbouncer, pgaudit, custody), for profiling one of them;
+    /// implies --no-write.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -121,6 +125,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let mut ledger_notes = Vec::new();
     for &c in &a.clients {
         for path in Path4::ALL {
+            if !a.only.is_empty() && !a.only.iter().any(|o| o == path.slug()) {
+                continue;
+            }
             let prefix = d.join(format!("log-{}-{c}", path.slug()));
             let r = if path == Path4::Custody {
                 // A fresh token per run: the provider's tokens live ten minutes.
@@ -160,7 +167,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 
     let table = render(&a, &rows, &ledger_notes, per_session, &pg_version, &pgb_version);
     println!("{table}");
-    if !a.no_write {
+    if !a.no_write && a.only.is_empty() {
         write_section(&results_file(), "pg", &table)?;
         eprintln!("bench: wrote {}", results_file().display());
     }
@@ -282,8 +289,9 @@ struct LedgerMetrics {
 fn ledger_metrics(l: &Ledger) -> anyhow::Result<LedgerMetrics> {
     let text = http_get(l.http, "/metrics")?;
     let get = |name: &str| -> f64 {
+        let name = format!("custody_ledger_{name}");
         text.lines()
-            .find(|line| line.split_whitespace().next() == Some(name))
+            .find(|line| line.split_whitespace().next() == Some(name.as_str()))
             .and_then(|line| line.split_whitespace().nth(1))
             .and_then(|v| v.parse().ok())
             .unwrap_or(0.0)

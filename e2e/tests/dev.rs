@@ -26,6 +26,14 @@ fn custody_dev_runs_the_main_job_and_stops_cleanly_on_ctrl_c() {
         .spawn()
         .unwrap();
     let pid = dev.id();
+    // If the test fails, custody dev and everything it started still stop.
+    struct StopOnDrop(u32);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            let _ = Command::new("kill").args(["-INT", &self.0.to_string()]).status();
+        }
+    }
+    let _stop = StopOnDrop(pid);
     let mut printed = String::new();
     {
         let mut r = BufReader::new(dev.stdout.take().unwrap());
@@ -57,6 +65,7 @@ fn custody_dev_runs_the_main_job_and_stops_cleanly_on_ctrl_c() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let _stop_connect = StopOnDrop(connect.id());
     let mut first = String::new();
     let mut r = BufReader::new(connect.stdout.take().unwrap());
     r.read_line(&mut first).unwrap();
