@@ -13,6 +13,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .bytes(".custody.ledger.v1.AppendRequest.events")
+        .bytes(".custody.ledger.v1.AppendGroup.events")
+        .bytes(".custody.ledger.v1.FileChunk.data")
+        .bytes(".custody.ledger.v1.LeaseCommand.abandon_events")
+        .bytes(".custody.ledger.v1.AbandonCommand.events")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -21,6 +21,8 @@ pub struct DevOptions {
     pub data_dir: PathBuf,
     /// Skip PostgreSQL even if installed.
     pub no_postgres: bool,
+    /// Ledger nodes: 1 (a single node), or 3 or 5 (a Raft cluster on loopback).
+    pub nodes: u64,
 }
 
 /// The audience dev tokens carry and the dev proxy accepts.
@@ -260,6 +262,78 @@ async fn follow_login(url: String) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Starts `n` ledger nodes; returns each one's (gRPC, HTTP) address.
+async fn start_ledgers(bin: &Path, dir: &Path, logs: &Path, n: u64, children: &mut Children) -> anyhow::Result<Vec<(SocketAddr, SocketAddr)>> {
+    if n == 1 {
+        let grpc = SocketAddr::from(([127, 0, 0, 1], free_tcp(7400)));
+        let http = SocketAddr::from(([127, 0, 0, 1], free_tcp(7401)));
+        let mut ledger = Command::new(bin)
+            .args(["serve", "--data-dir"])
+            .arg(dir.join("ledger"))
+            .args(["--listen", &grpc.to_string(), "--http-listen", &http.to_string()])
+            .stdout(log_file(logs, "ledger")?)
+            .stderr(log_file(logs, "ledger")?)
+            .spawn()
+            .context("starting custody-ledger")?;
+        wait_tcp(grpc, "custody-ledger", &mut ledger, &logs.join("ledger.log")).await?;
+        children.0.push(("custody-ledger", ledger));
+        return Ok(vec![(grpc, http)]);
+    }
+    if n != 3 && n != 5 {
+        bail!("--nodes must be 1, 3 or 5");
+    }
+    let certs = dir.join("ledger-certs");
+    let ids: Vec<String> = (1..=n).map(|i| i.to_string()).collect();
+    if !certs.join("ca.pem").exists() {
+        let st = Command::new(bin).args(["gen-certs", "--dir"]).arg(&certs).args(["--nodes", &ids.join(",")]).output().context("running custody-ledger gen-certs")?;
+        if !st.status.success() {
+            bail!("custody-ledger gen-certs failed: {}", String::from_utf8_lossy(&st.stderr));
+        }
+    }
+    let mut addrs = Vec::new();
+    for i in 0..n {
+        let base = 7400 + 20 * i as u16;
+        addrs.push((
+            SocketAddr::from(([127, 0, 0, 1], free_tcp(base))),
+            SocketAddr::from(([127, 0, 0, 1], free_tcp(base + 1))),
+            SocketAddr::from(([127, 0, 0, 1], free_tcp(base + 10))),
+        ));
+    }
+    let members: Vec<String> = addrs.iter().enumerate().map(|(i, (g, _, p))| format!("{{ id = {}, peer = \"{p}\", client = \"{g}\" }}", i + 1)).collect();
+    let mut out = Vec::new();
+    let first_child = children.0.len();
+    for (i, (grpc, http, peer)) in addrs.iter().enumerate() {
+        let id = i as u64 + 1;
+        let data = dir.join(format!("ledger-{id}"));
+        let cfg = format!(
+            "# Written by `custody dev --nodes {n}`. Development only.\nnode_id = \"ledger-{id}\"\ndata_dir = \"{}\"\nlisten = \"{grpc}\"\nhttp_listen = \"{http}\"\n\n[cluster]\nid = {id}\nname = \"custody-dev\"\npeer_listen = \"{peer}\"\nstate = \"new\"\ninitial_members = [{}]\n\n[cluster.tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            data.display(),
+            members.join(", "),
+            certs.join("ca.pem").display(),
+            certs.join(format!("ledger-{id}.pem")).display(),
+            certs.join(format!("ledger-{id}-key.pem")).display(),
+        );
+        let path = dir.join(format!("ledger-{id}.toml"));
+        std::fs::write(&path, cfg)?;
+        let name = format!("ledger-{id}");
+        let child = Command::new(bin)
+            .args(["serve", "--config"])
+            .arg(&path)
+            .stdout(log_file(logs, &name)?)
+            .stderr(log_file(logs, &name)?)
+            .spawn()
+            .context("starting custody-ledger")?;
+        children.0.push(("custody-ledger", child));
+        out.push((*grpc, *http));
+    }
+    for (i, (grpc, _)) in out.iter().enumerate() {
+        let log = logs.join(format!("ledger-{}.log", i + 1));
+        let (_, child) = &mut children.0[first_child + i];
+        wait_tcp(*grpc, "custody-ledger", child, &log).await?;
+    }
+    Ok(out)
+}
+
 /// Runs until Ctrl-C.
 pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
     let dir = &opts.data_dir;
@@ -297,19 +371,10 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
     )
     .await?;
 
-    // 2. ledger
-    let ledger_grpc = SocketAddr::from(([127, 0, 0, 1], free_tcp(7400)));
-    let ledger_http = SocketAddr::from(([127, 0, 0, 1], free_tcp(7401)));
-    let mut ledger = Command::new(&ledger_bin)
-        .args(["serve", "--data-dir"])
-        .arg(dir.join("ledger"))
-        .args(["--listen", &ledger_grpc.to_string(), "--http-listen", &ledger_http.to_string()])
-        .stdout(log_file(&logs, "ledger")?)
-        .stderr(log_file(&logs, "ledger")?)
-        .spawn()
-        .context("starting custody-ledger")?;
-    wait_tcp(ledger_grpc, "custody-ledger", &mut ledger, &logs.join("ledger.log")).await?;
-    children.0.push(("custody-ledger", ledger));
+    // 2. ledger: one node, or a Raft cluster with mutual TLS between its nodes.
+    let ledgers = start_ledgers(&ledger_bin, dir, &logs, opts.nodes, &mut children).await?;
+    let ledger_grpc = ledgers[0].0;
+    let ledger_http = ledgers[0].1;
 
     // 3. postgres
     let pg = if opts.no_postgres {
@@ -337,7 +402,7 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
 proxy_id = "dev-proxy"
 listen = "{quic}"
 http_listen = "{proxy_http}"
-ledger = ["http://{ledger_grpc}"]
+ledger = [{ledger_urls}]
 
 [tls]
 cert = "{cert}"
@@ -350,6 +415,7 @@ audiences = ["{DEV_AUDIENCE}"]
 [policy.groups]
 dev = ["*"]
 "#,
+        ledger_urls = ledgers.iter().map(|(g, _)| format!("\"http://{g}\"")).collect::<Vec<_>>().join(", "),
         cert = tls_dir.join("proxy.pem").display(),
         key = tls_dir.join("proxy-key.pem").display(),
         issuer = issuer.url,
@@ -422,6 +488,10 @@ password_file = "{}"
     println!();
     println!("  proxy (QUIC)   {quic}   certificate {fingerprint}");
     println!("  ledger Flight  grpc://{ledger_grpc}   (health and metrics: http://{ledger_http}/metrics)");
+    if ledgers.len() > 1 {
+        println!("  ledger nodes   {} Raft nodes: {}", ledgers.len(), ledgers.iter().map(|(g, _)| g.to_string()).collect::<Vec<_>>().join(", "));
+        println!("                 custody-ledger status --endpoint {ledger_grpc}");
+    }
     println!("  dev issuer     {}   [dev-only]", issuer.url);
     match &pg {
         Some(p) => println!("  postgres       127.0.0.1:{} registered as resource demo-pg", p.port),

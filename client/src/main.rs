@@ -26,6 +26,9 @@ enum Cmd {
         /// Do not start PostgreSQL.
         #[arg(long)]
         no_postgres: bool,
+        /// Ledger nodes: 1, or 3 or 5 for a Raft cluster on loopback.
+        #[arg(long, default_value_t = 1)]
+        nodes: u64,
     },
     /// Log in with OpenID Connect (authorization code + PKCE, loopback redirect).
     Login {
@@ -132,14 +135,14 @@ async fn ctrl_c() {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let cfg = ClientConfig::load()?;
     match cli.cmd {
-        Cmd::Dev { data_dir, no_postgres } => {
+        Cmd::Dev { data_dir, no_postgres, nodes } => {
             let data_dir = data_dir.unwrap_or_else(|| {
                 let base = std::env::var_os("XDG_DATA_HOME")
                     .map(PathBuf::from)
                     .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".local/share"));
                 base.join("custody/dev")
             });
-            custody::dev::run(custody::dev::DevOptions { data_dir, no_postgres }).await
+            custody::dev::run(custody::dev::DevOptions { data_dir, no_postgres, nodes }).await
         }
         Cmd::Login { issuer, client_id, audience, no_browser, offline } => {
             let issuer = issuer.or(cfg.issuer.clone());

@@ -11,6 +11,19 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+pub mod cluster;
+
+/// A bare HTTP/1.0 GET on loopback; the tests need nothing more.
+pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
 /// The workspace root.
 pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("e2e sits in the workspace").to_path_buf()
@@ -366,6 +379,23 @@ pub fn pg_resource(name: &str, pg: &Postgres, dir: &Path, password: Option<&str>
 impl Proxy {
     /// Starts a proxy in front of `ledger`.
     pub fn start(dir: &Path, ledger: &Ledger, o: &ProxyOptions) -> anyhow::Result<Self> {
+        Self::start_with_ledgers(dir, &[ledger.grpc.to_string()], o)
+    }
+
+    /// SIGKILLs nothing; starts the proxy process again on the same config and ports.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.proc.kill();
+        let dir = self.config.parent().context("config dir")?.to_path_buf();
+        let mut cmd = Command::new(bin("custody-proxy"));
+        cmd.args(["serve", "--config"]).arg(&self.config);
+        let mut proc = Proc::spawn("proxy", cmd, &dir)?;
+        wait_tcp(self.http, "custody-proxy", &mut proc)?;
+        self.proc = proc;
+        Ok(())
+    }
+
+    /// Starts a proxy that knows every ledger node in `ledgers` (host:port).
+    pub fn start_with_ledgers(dir: &Path, ledgers: &[String], o: &ProxyOptions) -> anyhow::Result<Self> {
         let tls = dir.join("tls");
         let out = Command::new(bin("custody-proxy")).args(["gen-cert", "--dir"]).arg(&tls).output()?;
         anyhow::ensure!(out.status.success(), "gen-cert failed");
@@ -374,15 +404,16 @@ impl Proxy {
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let auds: Vec<String> = o.audiences.iter().map(|a| format!("\"{a}\"")).collect();
         let cfg = format!(
-            "proxy_id = \"test-proxy\"\nlisten = \"{quic}\"\nhttp_listen = \"{http}\"\nledger = [\"http://{}\"]\nappend_timeout_ms = {}\n\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n\n[[issuers]]\nissuer = \"{}\"\naudiences = [{}]\nleeway_secs = {}\n{}",
-            ledger.grpc,
+            // `extra` may open with top-level keys, so it comes before the first table here.
+            "proxy_id = \"test-proxy\"\nlisten = \"{quic}\"\nhttp_listen = \"{http}\"\nledger = [{}]\nappend_timeout_ms = {}\n{}\n\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n\n[[issuers]]\nissuer = \"{}\"\naudiences = [{}]\nleeway_secs = {}\n",
+            ledgers.iter().map(|l| format!("\"http://{l}\"")).collect::<Vec<_>>().join(", "),
             o.append_timeout_ms,
+            o.extra,
             tls.join("proxy.pem").display(),
             tls.join("proxy-key.pem").display(),
             o.issuer,
             auds.join(", "),
             o.leeway_secs,
-            o.extra
         );
         let config = dir.join("proxy.toml");
         custody::config::write_private(&config, cfg.as_bytes())?;

@@ -3,7 +3,7 @@
 //! `get_schema` describe them.
 
 use std::pin::Pin;
-use std::sync::Arc;
+use std::time::Duration;
 
 use arrow::datatypes::SchemaRef;
 use arrow::ipc::writer::IpcWriteOptions;
@@ -21,22 +21,56 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
-use crate::committer::Committer;
+use crate::machine::StoreCell;
+use crate::node::NodeHandle;
 use crate::scan::{scan, ScanError};
-use crate::store::Store;
+use crate::state::LedgerState;
 use crate::table::{entries_schema, events_schema, sessions_schema, Table, TicketQuery};
+
+/// How long a linearizable read waits for the leader to confirm the commit index.
+const READ_BARRIER: Duration = Duration::from_secs(5);
 
 /// Serves the ledger's tables over Flight.
 #[derive(Clone)]
 pub struct LedgerFlight {
-    store: Arc<Store>,
-    committer: Committer,
+    store: StoreCell,
+    node: NodeHandle,
 }
 
 impl LedgerFlight {
-    /// A Flight service over `store`.
-    pub fn new(store: Arc<Store>, committer: Committer) -> Self {
-        Self { store, committer }
+    /// A Flight service over the node's state machine.
+    pub fn new(store: StoreCell, node: NodeHandle) -> Self {
+        Self { store, node }
+    }
+
+    /// Waits until this node may serve a read: by default every write committed before the
+    /// read began is applied here (Raft ReadIndex, confirmed by a quorum); with
+    /// `max_staleness_ms`, this node heard from the leader that recently.
+    async fn read_barrier(&self, max_staleness_ms: Option<u64>) -> Result<(), Status> {
+        match max_staleness_ms {
+            None => self.node.read_index(READ_BARRIER).await.map(|_| ()).map_err(|e| {
+                Status::unavailable(format!(
+                    "cannot confirm this read is current ({e}); retry, or ask the leader, or pass \"max_staleness_ms\" in the ticket to read this node's possibly stale copy"
+                ))
+            }),
+            Some(ms) => {
+                let st = self.node.status();
+                match st.leader_contact {
+                    Some(t) if t.elapsed() <= Duration::from_millis(ms) => Ok(()),
+                    Some(t) => Err(Status::unavailable(format!(
+                        "this node last heard from the leader {} ms ago, more than max_staleness_ms = {ms}",
+                        t.elapsed().as_millis()
+                    ))),
+                    None => Err(Status::unavailable("this node has not heard from a leader since it started")),
+                }
+            }
+        }
+    }
+
+    fn ledger_state(&self) -> Result<LedgerState, Status> {
+        LedgerState::recorded(&self.store.get())
+            .map_err(|e| Status::internal(e.to_string()))
+            .map(|s| s.unwrap_or_else(LedgerState::empty))
     }
 }
 
@@ -161,9 +195,10 @@ impl FlightService for LedgerFlight {
     async fn do_get(&self, request: Request<Ticket>) -> Result<Response<Self::DoGetStream>, Status> {
         let q = TicketQuery::parse(&request.get_ref().ticket).map_err(Status::invalid_argument)?;
         info!(table = table_name(q.table), ?q, "flight do_get");
+        self.read_barrier(q.max_staleness_ms).await?;
         let (tx, rx) = mpsc::channel::<Result<arrow::array::RecordBatch, FlightError>>(2);
-        let store = self.store.clone();
-        let size = self.committer.state().next_index;
+        let store = self.store.get();
+        let size = self.ledger_state()?.next_index;
         let schema = schema_of(q.table);
         tokio::task::spawn_blocking(move || {
             let r = scan(&store, size, &q, |batch| tx.blocking_send(Ok(batch)).is_ok());
@@ -210,11 +245,21 @@ impl FlightService for LedgerFlight {
         let action = request.into_inner();
         match action.r#type.as_str() {
             "status" => {
-                let st = self.committer.state();
+                let staleness = serde_json::from_slice::<serde_json::Value>(&action.body)
+                    .ok()
+                    .and_then(|v| v["max_staleness_ms"].as_u64());
+                self.read_barrier(staleness).await?;
+                let st = self.ledger_state()?;
+                let node = self.node.status();
                 let body = serde_json::json!({
                     "size": st.next_index,
                     "head_hash": hex::encode(st.head),
                     "last_commit_ns": st.last_commit_ns,
+                    "raft_id": node.id,
+                    "role": node.role,
+                    "term": node.term,
+                    "leader_id": node.leader_id,
+                    "applied_index": node.applied,
                 });
                 let r = arrow_flight::Result::new(body.to_string());
                 Ok(Response::new(Box::pin(stream::once(async { Ok(r) }))))

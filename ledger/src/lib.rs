@@ -1,19 +1,32 @@
-//! custody's audit ledger: an append-only, hash-chained event store on RocksDB.
+//! custody's audit ledger: an append-only, hash-chained event log, replicated with Raft
+//! (raft-rs) over RocksDB.
 //!
-//! - [`state`]: the deterministic state machine. `apply_append` assigns indices, links the
-//!   hash chain, applies each idempotency key once and folds session summaries.
-//! - [`committer`]: group commit. Concurrent appends share one synced RocksDB write.
-//! - [`store`]: RocksDB column families and atomic writes.
-//! - [`service`]: the gRPC `Append`/`Status` API proxies call.
+//! - [`state`]: the deterministic core. `LedgerState::apply_append` assigns indices, links
+//!   the hash chain, applies each idempotency key once and folds session summaries.
+//! - [`machine`]: the replicated state machine. `LedgerMachine::apply` applies one committed
+//!   Raft command (appends, proxy leases, abandoned sessions) in one RocksDB write.
+//! - [`node`]: the Raft Ready loop (one thread owns the `RawNode`): proposals, group commit,
+//!   apply, ReadIndex, membership changes, snapshots.
+//! - [`raft_log`]: the Raft log on RocksDB (`raft::Storage`).
+//! - [`peer`]: the mutual-TLS transport between nodes, and snapshot transfer.
+//! - [`store`], [`layout`]: the state machine's RocksDB and where a node keeps its files.
+//! - [`service`]: the gRPC API proxies and operators call (Append, Status, RenewLease,
+//!   membership).
 //! - [`flight`], [`scan`], [`table`]: Arrow Flight reads of `events`, `sessions`, `entries`.
 //! - [`server`]: wires it together for the `custody-ledger` binary.
 //!
-//! **Architecture Invariant:** only this crate links RocksDB, and only `store` calls it.
+//! **Architecture Invariant:** only this crate links RocksDB, and only `store` and
+//! `raft_log` call it. Nothing under `state` or `machine` reads a clock, randomness or local
+//! configuration: every replica that applies the same log holds the same bytes.
 
-pub mod committer;
 pub mod config;
 pub mod flight;
+pub mod layout;
+pub mod machine;
 pub mod metrics;
+pub mod node;
+pub mod peer;
+pub mod raft_log;
 pub mod scan;
 pub mod server;
 pub mod service;

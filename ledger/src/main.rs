@@ -1,12 +1,17 @@
-//! `custody-ledger`: runs a ledger node, and checks a ledger's data offline.
+//! `custody-ledger`: runs a ledger node, administers a cluster, and checks a ledger's data
+//! offline.
 
 use std::path::PathBuf;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use custody_ledger::config::LedgerConfig;
+use custody_ledger::layout::DataLayout;
+use custody_ledger::server::Exit;
 use custody_ledger::store::Store;
 use custody_ledger::verify::verify_store;
+use custody_proto::pb::ledger::ledger_client::LedgerClient;
+use custody_proto::pb::ledger::{AddMemberRequest, Member, RemoveMemberRequest, StatusRequest, TransferLeaderRequest};
 
 #[derive(Parser)]
 #[command(name = "custody-ledger", version, about = "custody's audit ledger node")]
@@ -20,12 +25,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run a ledger node.
+    /// Run a ledger node (a single node, or one node of a Raft cluster).
     Serve {
         /// Config file (TOML). Flags below override it.
         #[arg(long)]
         config: Option<PathBuf>,
-        /// RocksDB data directory.
+        /// Data directory.
         #[arg(long)]
         data_dir: Option<PathBuf>,
         /// gRPC listen address (Append API and Arrow Flight).
@@ -35,11 +40,80 @@ enum Cmd {
         #[arg(long)]
         http_listen: Option<std::net::SocketAddr>,
     },
-    /// Walk a stopped ledger's data directory and verify the hash chain.
+    /// Check a config file without starting anything.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Show a node's view of the cluster: role, term, leader, indices, members.
+    Status {
+        /// Any node's gRPC address.
+        #[arg(long, default_value = "http://127.0.0.1:7400")]
+        endpoint: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add, remove or list cluster members (asks the leader).
+    Member {
+        #[command(subcommand)]
+        cmd: MemberCmd,
+    },
+    /// Hand leadership to another voter (before taking the leader down for maintenance).
+    TransferLeader {
+        /// Any node's gRPC address.
+        #[arg(long, default_value = "http://127.0.0.1:7400")]
+        endpoint: String,
+        /// Raft id of the new leader.
+        to: u64,
+    },
+    /// Write a development CA and node certificates for the peer transport.
+    GenCerts {
+        /// Output directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Raft ids to make certificates for, e.g. 1,2,3.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+        nodes: Vec<u64>,
+    },
+    /// Walk a stopped node's data directory and verify the hash chain.
     Verify {
-        /// RocksDB data directory.
+        /// Data directory.
         #[arg(long)]
         data_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum MemberCmd {
+    /// Add a node. Start it first with `cluster.state = "join"`.
+    Add {
+        #[arg(long, default_value = "http://127.0.0.1:7400")]
+        endpoint: String,
+        /// Raft id of the new node (never reuse a removed id).
+        #[arg(long)]
+        id: u64,
+        /// Where peers reach its Raft transport.
+        #[arg(long)]
+        peer_addr: String,
+        /// Where proxies reach its gRPC API.
+        #[arg(long)]
+        client_addr: String,
+        /// Add it as a non-voting learner.
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Remove a node.
+    Remove {
+        #[arg(long, default_value = "http://127.0.0.1:7400")]
+        endpoint: String,
+        /// Raft id.
+        id: u64,
+    },
+    /// List members.
+    List {
+        #[arg(long, default_value = "http://127.0.0.1:7400")]
+        endpoint: String,
     },
 }
 
@@ -66,9 +140,42 @@ async fn shutdown_signal() {
     }
 }
 
+fn endpoint_url(e: &str) -> String {
+    if e.contains("://") {
+        e.to_string()
+    } else {
+        format!("http://{e}")
+    }
+}
+
+/// Connects to `endpoint`, following a not-leader answer once to the leader it names.
+async fn client(endpoint: &str) -> anyhow::Result<LedgerClient<tonic::transport::Channel>> {
+    let url = endpoint_url(endpoint);
+    LedgerClient::connect(url.clone())
+        .await
+        .with_context(|| format!("cannot reach the ledger at {url}"))
+}
+
+async fn leader_client(endpoint: &str) -> anyhow::Result<LedgerClient<tonic::transport::Channel>> {
+    let mut c = client(endpoint).await?;
+    let st = c.status(StatusRequest {}).await.context("ledger status")?.into_inner();
+    if st.role == "leader" || st.leader_addr.is_empty() {
+        return Ok(c);
+    }
+    client(&st.leader_addr).await
+}
+
+fn print_members(members: &[Member]) {
+    println!("{:<6} {:<8} {:<28} CLIENT", "ID", "ROLE", "PEER");
+    for m in members {
+        println!("{:<6} {:<8} {:<28} {}", m.id, if m.learner { "learner" } else { "voter" }, m.peer_addr, m.client_addr);
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logs(&cli.log_format);
+    let rt = tokio::runtime::Runtime::new()?;
     match cli.cmd {
         Cmd::Serve {
             config,
@@ -78,13 +185,7 @@ fn main() -> anyhow::Result<()> {
         } => {
             let mut cfg = match config {
                 Some(p) => LedgerConfig::load(&p)?,
-                None => LedgerConfig {
-                    node_id: "ledger-1".into(),
-                    data_dir: data_dir.clone().context("--data-dir or --config is required")?,
-                    listen: "127.0.0.1:7400".parse()?,
-                    http_listen: "127.0.0.1:7401".parse()?,
-                    max_event_bytes: 1 << 20,
-                },
+                None => LedgerConfig::single(data_dir.clone().context("--data-dir or --config is required")?),
             };
             if let Some(d) = data_dir {
                 cfg.data_dir = d;
@@ -95,12 +196,96 @@ fn main() -> anyhow::Result<()> {
             if let Some(l) = http_listen {
                 cfg.http_listen = l;
             }
-            let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(custody_ledger::server::run(cfg, shutdown_signal()))
+            match rt.block_on(custody_ledger::server::run(cfg, shutdown_signal()))? {
+                Exit::Stopped => Ok(()),
+                Exit::Removed => {
+                    eprintln!("custody-ledger: this node was removed from the cluster; its data directory can be deleted");
+                    std::process::exit(3);
+                }
+            }
+        }
+        Cmd::Check { config } => {
+            let cfg = LedgerConfig::load(&config)?;
+            println!(
+                "ok: node {} (raft id {}) of cluster {:?}, data in {}",
+                cfg.node_id,
+                cfg.cluster.id,
+                cfg.cluster.name,
+                cfg.data_dir.display()
+            );
+            Ok(())
+        }
+        Cmd::Status { endpoint, json } => rt.block_on(async {
+            let st = client(&endpoint).await?.status(StatusRequest {}).await.context("ledger status")?.into_inner();
+            if json {
+                let v = serde_json::json!({
+                    "node_id": st.node_id, "raft_id": st.raft_id, "cluster_id": st.cluster_id, "role": st.role,
+                    "term": st.term, "leader_id": st.leader_id, "leader_addr": st.leader_addr,
+                    "commit_index": st.commit_index, "applied_index": st.applied_index, "size": st.size,
+                    "head_hash": st.head_hash, "log_first_index": st.log_first_index, "log_last_index": st.log_last_index,
+                    "members": st.members.iter().map(|m| serde_json::json!({"id": m.id, "peer_addr": m.peer_addr, "client_addr": m.client_addr, "learner": m.learner})).collect::<Vec<_>>(),
+                });
+                println!("{v}");
+            } else {
+                println!("node       {} (raft id {}) of cluster {:?}", st.node_id, st.raft_id, st.cluster_id);
+                println!("role       {} (term {}); leader {}{}", st.role, st.term, st.leader_id, if st.leader_addr.is_empty() { String::new() } else { format!(" at {}", st.leader_addr) });
+                println!("indices    commit {} applied {}; raft log {}..={}", st.commit_index, st.applied_index, st.log_first_index, st.log_last_index);
+                println!("ledger     {} events, head {}", st.size, st.head_hash);
+                print_members(&st.members);
+            }
+            Ok(())
+        }),
+        Cmd::Member { cmd } => rt.block_on(async {
+            match cmd {
+                MemberCmd::Add { endpoint, id, peer_addr, client_addr, learner } => {
+                    let r = leader_client(&endpoint)
+                        .await?
+                        .add_member(AddMemberRequest { member: Some(Member { id, peer_addr, client_addr, learner }) })
+                        .await
+                        .map_err(|s| anyhow::anyhow!("adding node {id}: {}", s.message()))?
+                        .into_inner();
+                    println!("added node {id}");
+                    print_members(&r.members);
+                }
+                MemberCmd::Remove { endpoint, id } => {
+                    let r = leader_client(&endpoint)
+                        .await?
+                        .remove_member(RemoveMemberRequest { id })
+                        .await
+                        .map_err(|s| anyhow::anyhow!("removing node {id}: {}", s.message()))?
+                        .into_inner();
+                    println!("removed node {id}");
+                    print_members(&r.members);
+                }
+                MemberCmd::List { endpoint } => {
+                    let st = client(&endpoint).await?.status(StatusRequest {}).await.context("ledger status")?.into_inner();
+                    print_members(&st.members);
+                }
+            }
+            Ok(())
+        }),
+        Cmd::TransferLeader { endpoint, to } => rt.block_on(async {
+            leader_client(&endpoint)
+                .await?
+                .transfer_leader(TransferLeaderRequest { to })
+                .await
+                .map_err(|s| anyhow::anyhow!("transfer: {}", s.message()))?;
+            println!("asked the leader to hand over to node {to}");
+            Ok(())
+        }),
+        Cmd::GenCerts { dir, nodes } => {
+            if nodes.is_empty() || nodes.contains(&0) {
+                bail!("--nodes needs positive Raft ids");
+            }
+            custody_ledger::peer::generate_certs(&dir, &nodes)?;
+            println!("wrote ca.pem and certificates for nodes {nodes:?} to {}", dir.display());
+            Ok(())
         }
         Cmd::Verify { data_dir } => {
-            let store = Store::open(&data_dir)
-                .with_context(|| format!("opening {} (is a ledger still running on it?)", data_dir.display()))?;
+            let layout = DataLayout::new(&data_dir)?;
+            let state = layout.state_dir()?;
+            let store = Store::open(&state)
+                .with_context(|| format!("opening {} (is a ledger still running on it?)", state.display()))?;
             match verify_store(&store) {
                 Ok(r) => {
                     println!("ok: {} entries verified, head {}", r.verified, r.head);

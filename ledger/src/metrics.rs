@@ -15,12 +15,22 @@ pub struct LedgerMetrics {
     pub events_duplicate: Counter,
     /// Append requests refused (invalid, storage failure, overload).
     pub appends_failed: Counter,
-    /// Seconds from an append's arrival to its durable commit.
+    /// Seconds from an append's arrival to its commit and apply.
     pub append_latency: Histogram,
-    /// Events per group commit.
+    /// Events per Raft entry (group commit).
     pub batch_size: Histogram,
     /// Entries in the ledger.
     pub size: Gauge,
+    /// Current Raft term.
+    pub term: Gauge,
+    /// Raft id of the known leader (0: none).
+    pub leader: Gauge,
+    /// 1 on the leader.
+    pub is_leader: Gauge,
+    /// Raft commit index.
+    pub commit_index: Gauge,
+    /// Raft applied index.
+    pub applied_index: Gauge,
 }
 
 impl LedgerMetrics {
@@ -33,12 +43,18 @@ impl LedgerMetrics {
         let append_latency = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
         let batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 14));
         let size = Gauge::default();
+        let (term, leader, is_leader, commit_index, applied_index) = Default::default();
         registry.register("events_appended", "Events stored", events_appended.clone());
         registry.register("events_duplicate", "Appended events whose idempotency key was already stored", events_duplicate.clone());
         registry.register("appends_failed", "Append requests refused", appends_failed.clone());
         registry.register("append_latency_seconds", "Time from append arrival to durable commit", append_latency.clone());
         registry.register("batch_size_events", "Events per group commit", batch_size.clone());
         registry.register("size_entries", "Entries in the ledger", size.clone());
+        registry.register("raft_term", "Current Raft term", Clone::clone(&term));
+        registry.register("raft_leader_id", "Raft id of the known leader (0: none)", Clone::clone(&leader));
+        registry.register("raft_is_leader", "1 if this node is the leader", Clone::clone(&is_leader));
+        registry.register("raft_commit_index", "Raft commit index", Clone::clone(&commit_index));
+        registry.register("raft_applied_index", "Raft applied index", Clone::clone(&applied_index));
         Self {
             registry,
             events_appended,
@@ -47,6 +63,11 @@ impl LedgerMetrics {
             append_latency,
             batch_size,
             size,
+            term,
+            leader,
+            is_leader,
+            commit_index,
+            applied_index,
         }
     }
 

@@ -1,53 +1,185 @@
-//! Runs a single-node ledger: opens the store, starts group commit, and serves gRPC
-//! (Append + Flight) and HTTP (health, metrics) until shutdown.
+//! Runs a ledger node: checks and opens its data, bootstraps or joins its cluster, starts the
+//! Raft loop and the peer transport, and serves gRPC (Append, Status, Flight) and HTTP
+//! (health, metrics) until shutdown.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use arrow_flight::flight_service_server::FlightServiceServer;
+use axum::http::StatusCode;
 use axum::routing::get;
 use custody_proto::pb::ledger::ledger_server::LedgerServer;
+use custody_proto::pb::ledger::Member;
 use tokio::net::TcpListener;
-use tracing::info;
+use tracing::{error, info, warn};
 
-use crate::committer::{CommitLimits, Committer};
-use crate::config::LedgerConfig;
+use crate::config::{JoinState, LedgerConfig};
 use crate::flight::LedgerFlight;
+use crate::layout::DataLayout;
+use crate::machine::{LedgerMachine, StoreCell};
 use crate::metrics::LedgerMetrics;
-use crate::service::LedgerService;
-use crate::state::LedgerState;
+use crate::node::{bootstrap, Node, NodeOptions, NodeStatus, Transport};
+use crate::peer::{PeerNet, PeerTls};
+use crate::raft_log::{LogIdentity, RaftLogStore};
+use crate::service::{AppendLimits, LedgerService};
 use crate::store::Store;
 
 /// Largest gRPC message accepted (an append batch).
 pub const MAX_GRPC_MESSAGE: usize = 64 << 20;
 
-/// Serves until `shutdown` resolves, then drains the commit queue and flushes.
-pub async fn run(cfg: LedgerConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&cfg.data_dir)
-        .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
-    let store = Arc::new(
-        Store::open(&cfg.data_dir)
-            .with_context(|| format!("opening ledger store in {}", cfg.data_dir.display()))?,
-    );
-    let state = LedgerState::load(&store).context(
-        "the ledger's stored state is inconsistent; run `custody-ledger verify` to find the damage",
-    )?;
-    info!(node_id = %cfg.node_id, size = state.next_index, head = %hex::encode(state.head), "ledger opened");
+/// A transport for a node without peers.
+struct NoPeers;
+
+impl Transport for NoPeers {
+    fn send(&self, msgs: Vec<raft::eraftpb::Message>) {
+        if !msgs.is_empty() {
+            tracing::debug!(n = msgs.len(), "a single node has no peers to send to");
+        }
+    }
+    fn set_members(&self, _: &[Member]) {}
+}
+
+/// How the node process ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// Shut down on request.
+    Stopped,
+    /// Removed from the cluster by its peers.
+    Removed,
+}
+
+/// Opens the node's data, refusing data that belongs to another node or cluster.
+fn open_data(cfg: &LedgerConfig) -> anyhow::Result<(DataLayout, RaftLogStore, LedgerMachine)> {
+    let c = &cfg.cluster;
+    let layout = DataLayout::new(&cfg.data_dir).with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
+    let log = RaftLogStore::open(&layout.raft_dir()).with_context(|| {
+        format!(
+            "the Raft log in {} cannot be opened; if it is damaged, rebuild this node from its peers: remove it from the cluster, empty its data directory and add it again",
+            layout.raft_dir().display()
+        )
+    })?;
+    if let Some(id) = log.identity()? {
+        if id.cluster_id != c.name || id.node_id != c.id {
+            bail!(
+                "{} holds node {} of cluster {:?}, but this config is node {} of cluster {:?}; refusing to start rather than join the wrong cluster",
+                cfg.data_dir.display(),
+                id.node_id,
+                id.cluster_id,
+                c.id,
+                c.name
+            );
+        }
+    }
+    let state_dir = layout.state_dir()?;
+    let store = Store::open(&state_dir).with_context(|| {
+        format!(
+            "the state machine in {} cannot be opened; if it is damaged, rebuild this node from its peers",
+            state_dir.display()
+        )
+    })?;
+    let machine = LedgerMachine::open(StoreCell::new(Arc::new(store)), cfg.max_event_bytes).with_context(|| {
+        format!("the state machine in {} is inconsistent; run `custody-ledger verify --data-dir {}`", state_dir.display(), cfg.data_dir.display())
+    })?;
+    if let Some(stored) = machine.cluster_id()? {
+        if stored != c.name {
+            bail!(
+                "{} holds data of cluster {stored:?}, but this config is for cluster {:?}; refusing to start",
+                cfg.data_dir.display(),
+                c.name
+            );
+        }
+    }
+    let _ = layout.remove_stale();
+    Ok((layout, log, machine))
+}
+
+/// Serves until `shutdown` resolves or the node stops (fault, removal).
+pub async fn run(cfg: LedgerConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<Exit> {
+    cfg.check()?;
+    let c = cfg.cluster.clone();
+    let (layout, log, mut machine) = open_data(&cfg)?;
+    if !log.is_initialized() {
+        match c.state {
+            JoinState::New => {
+                let members: Vec<Member> = if c.initial_members.is_empty() {
+                    vec![Member { id: c.id, peer_addr: cfg.peer_addr(), client_addr: cfg.client_addr(), learner: false }]
+                } else {
+                    c.initial_members
+                        .iter()
+                        .map(|m| Member { id: m.id, peer_addr: m.peer.clone(), client_addr: m.client.clone(), learner: false })
+                        .collect()
+                };
+                bootstrap(&log, &mut machine, &c.name, c.id, &members)?;
+                info!(cluster = %c.name, id = c.id, voters = ?members.iter().map(|m| m.id).collect::<Vec<_>>(), "bootstrapped a new cluster");
+            }
+            JoinState::Join => {
+                log.set_identity(&LogIdentity { cluster_id: c.name.clone(), node_id: c.id })?;
+                info!(cluster = %c.name, id = c.id, "waiting for the leader to add this node (`custody-ledger member add`)");
+            }
+        }
+    } else if log.identity()?.is_none() {
+        log.set_identity(&LogIdentity { cluster_id: c.name.clone(), node_id: c.id })?;
+    }
+    let st = machine.state();
+    info!(node = %cfg.node_id, raft_id = c.id, cluster = %c.name, size = st.next_index, head = %hex::encode(st.head), applied = machine.applied().0, "ledger opened");
+
     let metrics = Arc::new(LedgerMetrics::new());
-    let limits = CommitLimits {
-        max_event_bytes: cfg.max_event_bytes,
-        ..CommitLimits::default()
+    let mut opts = NodeOptions::new(c.id, &c.name);
+    opts.tick = std::time::Duration::from_millis(c.tick_ms);
+    opts.election_ticks = c.election_ticks;
+    opts.heartbeat_ticks = c.heartbeat_ticks;
+    opts.max_event_bytes = cfg.max_event_bytes;
+    opts.snapshot_interval = c.snapshot_interval;
+    opts.log_retain = c.log_retain;
+    opts.unsafe_fault = c.unsafe_fault;
+    if opts.unsafe_fault != crate::node::UnsafeFault::None {
+        warn!(fault = ?opts.unsafe_fault, "UNSAFE TEST MODE: this node acknowledges appends it may lose");
+    }
+    let store = machine.store().clone();
+
+    let peers = match (&c.tls, c.peer_listen) {
+        (Some(tls), Some(addr)) => {
+            let tls = PeerTls::load(&tls.ca, &tls.cert, &tls.key).context("loading the peer TLS files")?;
+            let overrides: HashMap<u64, String> = c
+                .peer_overrides
+                .iter()
+                .filter_map(|(k, v)| k.parse().ok().map(|id| (id, v.clone())))
+                .collect();
+            let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the peer listener {addr}"))?;
+            Some((PeerNet::new(c.id, &c.name, tls, layout.clone(), overrides, tokio::runtime::Handle::current()), listener))
+        }
+        _ => None,
     };
-    let (committer, commit_thread) = Committer::start(store.clone(), state, limits, metrics.clone());
+
+    let (node_done_tx, mut node_done) = tokio::sync::oneshot::channel::<Result<(), String>>();
+    let handle = match &peers {
+        Some((net, _)) => {
+            let (node, handle, rx) = Node::new(opts, log, machine, layout.clone(), net.clone(), metrics.clone())?;
+            net.attach(handle.clone());
+            spawn_loop(node, rx, node_done_tx)?;
+            handle
+        }
+        None => {
+            let (node, handle, rx) = Node::new(opts, log, machine, layout.clone(), NoPeers, metrics.clone())?;
+            spawn_loop(node, rx, node_done_tx)?;
+            handle
+        }
+    };
+    if let Some((net, listener)) = peers {
+        info!(peer = %listener.local_addr()?, "peer transport listening (mutual TLS)");
+        tokio::spawn(net.serve(listener));
+    }
 
     let service = LedgerService::new(
         &cfg.node_id,
+        &c.name,
         &cfg.data_dir.display().to_string(),
-        committer.clone(),
-        limits,
+        handle.clone(),
+        AppendLimits { max_event_bytes: cfg.max_event_bytes, max_batch_events: 8192 },
     );
-    let flight = LedgerFlight::new(store.clone(), committer.clone());
+    let flight = LedgerFlight::new(store, handle.clone());
 
     let grpc = TcpListener::bind(cfg.listen)
         .await
@@ -58,28 +190,13 @@ pub async fn run(cfg: LedgerConfig, shutdown: impl Future<Output = ()> + Send + 
     info!(grpc = %grpc.local_addr()?, http = %http.local_addr()?, "ledger listening");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop_on_signal = stop_tx.clone();
     tokio::spawn(async move {
         shutdown.await;
-        let _ = stop_tx.send(true);
+        let _ = stop_on_signal.send(true);
     });
 
-    let health_committer = committer.clone();
-    let app = axum::Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/readyz",
-            get(move || {
-                let st = health_committer.state();
-                async move { format!("ready size={}\n", st.next_index) }
-            }),
-        )
-        .route(
-            "/metrics",
-            get(move || {
-                let m = metrics.clone();
-                async move { m.render() }
-            }),
-        );
+    let app = health_routes(handle.clone(), metrics.clone());
     let mut http_stop = stop_rx.clone();
     let http_task = tokio::spawn(async move {
         axum::serve(http, app)
@@ -90,28 +207,132 @@ pub async fn run(cfg: LedgerConfig, shutdown: impl Future<Output = ()> + Send + 
     });
 
     let mut grpc_stop = stop_rx.clone();
-    tonic::transport::Server::builder()
-        .add_service(
-            LedgerServer::new(service)
-                .max_decoding_message_size(MAX_GRPC_MESSAGE)
-                .max_encoding_message_size(MAX_GRPC_MESSAGE),
-        )
-        .add_service(
-            FlightServiceServer::new(flight)
-                .max_decoding_message_size(MAX_GRPC_MESSAGE)
-                .max_encoding_message_size(MAX_GRPC_MESSAGE),
-        )
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc), async move {
-            let _ = grpc_stop.wait_for(|s| *s).await;
-        })
-        .await
-        .context("gRPC server failed")?;
-    info!("ledger shutting down: draining appends");
-    drop(committer);
+    let grpc_task = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(
+                LedgerServer::new(service)
+                    .max_decoding_message_size(MAX_GRPC_MESSAGE)
+                    .max_encoding_message_size(MAX_GRPC_MESSAGE),
+            )
+            .add_service(
+                FlightServiceServer::new(flight)
+                    .max_decoding_message_size(MAX_GRPC_MESSAGE)
+                    .max_encoding_message_size(MAX_GRPC_MESSAGE),
+            )
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc), async move {
+                let _ = grpc_stop.wait_for(|s| *s).await;
+            }),
+    );
+
+    let mut stop_wait = stop_rx.clone();
+    let exit = tokio::select! {
+        _ = stop_wait.wait_for(|s| *s) => {
+            info!("ledger shutting down");
+            Exit::Stopped
+        }
+        r = &mut node_done => {
+            let _ = stop_tx.send(true);
+            match r {
+                Ok(Ok(())) => Exit::Stopped,
+                Ok(Err(e)) if e.contains("removed from the cluster") => {
+                    warn!("this node was removed from the cluster; stopping");
+                    Exit::Removed
+                }
+                Ok(Err(e)) => {
+                    let _ = grpc_task.await;
+                    bail!("the ledger node stopped: {e}");
+                }
+                Err(_) => Exit::Stopped,
+            }
+        }
+    };
+    let _ = grpc_task.await;
     let _ = http_task.await;
-    tokio::task::spawn_blocking(move || commit_thread.join())
-        .await
-        .ok();
+    let _ = handle.send(crate::node::Input::Stop);
+    drop(handle);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), node_done).await;
     info!("ledger stopped");
+    Ok(exit)
+}
+
+fn spawn_loop<T: Transport>(node: Node<T>, rx: std::sync::mpsc::Receiver<crate::node::Input>, done: tokio::sync::oneshot::Sender<Result<(), String>>) -> anyhow::Result<()> {
+    std::thread::Builder::new()
+        .name("raft-ready".into())
+        .spawn(move || {
+            let r = node.run(rx).map_err(|e| {
+                if !matches!(e, crate::node::NodeFault::Removed) {
+                    error!(error = %e, "the ledger node stopped on a fault");
+                }
+                e.to_string()
+            });
+            let _ = done.send(r);
+        })
+        .context("spawning the Raft loop")?;
     Ok(())
+}
+
+fn health_routes(node: crate::node::NodeHandle, metrics: Arc<LedgerMetrics>) -> axum::Router {
+    let ready_node = node.clone();
+    let status_node = node;
+    axum::Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let st = ready_node.status();
+                async move { readiness(&st) }
+            }),
+        )
+        .route(
+            "/status",
+            get(move || {
+                let st = status_node.status();
+                async move { axum::Json(status_json(&st)) }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let m = metrics.clone();
+                async move { m.render() }
+            }),
+        )
+}
+
+/// Ready: not faulted, a leader is known, and everything committed is applied.
+fn readiness(st: &NodeStatus) -> (StatusCode, String) {
+    let size = st.ledger.map(|l| l.next_index).unwrap_or(0);
+    if let Some(f) = &st.fault {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: stopped on a fault: {f}\n"));
+    }
+    if st.leader_id == 0 {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: no leader known (role {}, term {})\n", st.role, st.term));
+    }
+    if st.applied < st.commit {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: applying ({} of {})\n", st.applied, st.commit));
+    }
+    (StatusCode::OK, format!("ready role={} leader={} term={} size={size} applied={}\n", st.role, st.leader_id, st.term, st.applied))
+}
+
+/// The node's status as JSON, for `custody-ledger status` and operators.
+pub fn status_json(st: &NodeStatus) -> serde_json::Value {
+    let ledger = st.ledger.unwrap_or_else(crate::state::LedgerState::empty);
+    serde_json::json!({
+        "raft_id": st.id,
+        "role": st.role,
+        "term": st.term,
+        "leader_id": st.leader_id,
+        "leader_addr": st.leader_addr(),
+        "commit_index": st.commit,
+        "applied_index": st.applied,
+        "size": ledger.next_index,
+        "head_hash": hex::encode(ledger.head),
+        "voters": st.voters,
+        "learners": st.learners,
+        "members": st.members.iter().map(|m| serde_json::json!({"id": m.id, "peer_addr": m.peer_addr, "client_addr": m.client_addr, "learner": m.learner})).collect::<Vec<_>>(),
+        "removed": st.removed,
+        "log_first_index": st.log_first,
+        "log_last_index": st.log_last,
+        "fault": st.fault,
+    })
 }

@@ -43,6 +43,15 @@ pub enum ApplyError {
         /// What is wrong.
         reason: String,
     },
+    /// The batch is well formed but the ledger's state refuses it: an idempotency key that is
+    /// already stored with different bytes, or an event for a session the ledger closed.
+    #[error("event {position} of the batch is refused: {reason}")]
+    Refused {
+        /// Position in the batch.
+        position: usize,
+        /// What is wrong.
+        reason: String,
+    },
     /// Reading state failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -54,6 +63,12 @@ pub trait Lookup {
     fn idem(&self, key: &[u8]) -> Result<Option<u64>, StoreError>;
     /// A session's summary.
     fn session(&self, id: &str) -> Result<Option<SessionSummary>, StoreError>;
+    /// The stored entry at `index`.
+    fn entry_at(&self, index: u64) -> Result<Option<Vec<u8>>, StoreError>;
+}
+
+fn decode_summary(id: &str, v: &[u8]) -> Result<SessionSummary, StoreError> {
+    serde_json::from_slice(v).map_err(|e| StoreError::Corrupt(format!("session summary {id}: {e}")))
 }
 
 impl Lookup for Store {
@@ -61,12 +76,75 @@ impl Lookup for Store {
         self.get(cf::IDEM, key)?.map(|v| u64_key(&v)).transpose()
     }
     fn session(&self, id: &str) -> Result<Option<SessionSummary>, StoreError> {
-        self.get(cf::SESSIONS, id.as_bytes())?
-            .map(|v| {
-                serde_json::from_slice(&v)
-                    .map_err(|e| StoreError::Corrupt(format!("session summary {id}: {e}")))
-            })
-            .transpose()
+        self.get(cf::SESSIONS, id.as_bytes())?.map(|v| decode_summary(id, &v)).transpose()
+    }
+    fn entry_at(&self, index: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        self.entry(index)
+    }
+}
+
+/// A [`Lookup`] that sees, over a base, the writes of batches applied earlier in the same
+/// atomic write: one Raft entry carries several append requests, applied one after another
+/// but stored together.
+pub struct Overlay<'a, L: Lookup> {
+    base: &'a L,
+    idem: HashMap<Vec<u8>, u64>,
+    sessions: HashMap<Vec<u8>, Vec<u8>>,
+    entries: HashMap<u64, Vec<u8>>,
+}
+
+impl<'a, L: Lookup> Overlay<'a, L> {
+    /// An overlay with nothing pending.
+    pub fn new(base: &'a L) -> Self {
+        Self {
+            base,
+            idem: HashMap::new(),
+            sessions: HashMap::new(),
+            entries: HashMap::new(),
+        }
+    }
+
+    /// Makes `writes` visible to later lookups.
+    pub fn absorb(&mut self, writes: &[Put]) {
+        for p in writes {
+            match p.cf {
+                cf::IDEM => {
+                    if let Ok(i) = u64_key(&p.value) {
+                        self.idem.insert(p.key.clone(), i);
+                    }
+                }
+                cf::SESSIONS => {
+                    self.sessions.insert(p.key.clone(), p.value.clone());
+                }
+                cf::ENTRIES => {
+                    if let Ok(i) = u64_key(&p.key) {
+                        self.entries.insert(i, p.value.clone());
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+impl<L: Lookup> Lookup for Overlay<'_, L> {
+    fn idem(&self, key: &[u8]) -> Result<Option<u64>, StoreError> {
+        match self.idem.get(key) {
+            Some(i) => Ok(Some(*i)),
+            None => self.base.idem(key),
+        }
+    }
+    fn session(&self, id: &str) -> Result<Option<SessionSummary>, StoreError> {
+        match self.sessions.get(id.as_bytes()) {
+            Some(v) => decode_summary(id, v).map(Some),
+            None => self.base.session(id),
+        }
+    }
+    fn entry_at(&self, index: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.entries.get(&index) {
+            Some(v) => Ok(Some(v.clone())),
+            None => self.base.entry_at(index),
+        }
     }
 }
 
@@ -94,7 +172,16 @@ pub struct SessionSummary {
     pub requests: u64,
     pub statements: u64,
     pub errors: u64,
-    /// "open", "ended" or "denied".
+    /// The proxy run that opened the session (`Event::proxy_instance`).
+    #[serde(default)]
+    pub proxy_instance: String,
+    /// Seq and kind (`EventKind` number) of the session's last event.
+    #[serde(default)]
+    pub last_seq: u64,
+    #[serde(default)]
+    pub last_kind: i32,
+    /// "open", "ended", "denied", or "abandoned" (closed by the ledger when its proxy's
+    /// lease lapsed; no further event of the session is accepted).
     pub status: String,
     pub end_reason: String,
     pub last_response_unrecorded: bool,
@@ -122,6 +209,25 @@ pub struct Applied {
     pub writes: WriteSet,
     /// One result per input event, in order.
     pub results: Vec<AppendResult>,
+}
+
+/// Status of a session the ledger closed after its proxy's lease lapsed.
+pub const STATUS_ABANDONED: &str = "abandoned";
+/// `SessionEnd.reason` of a session the ledger closed.
+pub const END_ABANDONED: &str = "abandoned";
+
+/// Key in `open_sessions`: length-prefixed proxy id, then the session id.
+pub fn open_session_key(proxy_id: &str, session_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + proxy_id.len() + session_id.len());
+    k.extend_from_slice(&(proxy_id.len() as u16).to_be_bytes());
+    k.extend_from_slice(proxy_id.as_bytes());
+    k.extend_from_slice(session_id.as_bytes());
+    k
+}
+
+/// The prefix of `open_sessions` keys of one proxy.
+pub fn open_sessions_prefix(proxy_id: &str) -> Vec<u8> {
+    open_session_key(proxy_id, "")
 }
 
 /// The idempotency key of an event: length-prefixed proxy id and session id, then seq.
@@ -258,6 +364,29 @@ impl LedgerState {
                 None => lookup.idem(&key)?,
             };
             if let Some(index) = existing {
+                // A retry carries exactly the bytes first sent. Different bytes under a stored
+                // key are not a retry: accepting them as one would lose this event.
+                let same = match batch.events[..position].iter().position(|b| {
+                    validate_event(b, max_event_bytes).is_ok_and(|e| idem_key(&e.proxy_id, &e.session_id, e.seq) == key)
+                }) {
+                    Some(earlier) => batch.events[earlier] == *bytes,
+                    None => {
+                        let stored = lookup.entry_at(index)?.ok_or_else(|| {
+                            StoreError::Corrupt(format!("idempotency key points at missing entry {index}"))
+                        })?;
+                        let e = Entry::decode(&stored).map_err(|e| StoreError::Corrupt(format!("entry {index}: {e}")))?;
+                        e.event == &bytes[..]
+                    }
+                };
+                if !same {
+                    return Err(ApplyError::Refused {
+                        position,
+                        reason: format!(
+                            "session {} seq {} is already recorded at index {index} with different content",
+                            ev.session_id, ev.seq
+                        ),
+                    });
+                }
                 results.push(AppendResult {
                     index,
                     commit_time_ns: 0,
@@ -265,33 +394,34 @@ impl LedgerState {
                 });
                 continue;
             }
+            let summary = match sessions.remove(&ev.session_id) {
+                Some(s) => s,
+                None => lookup.session(&ev.session_id)?.unwrap_or_default(),
+            };
+            if summary.status == STATUS_ABANDONED {
+                return Err(ApplyError::Refused {
+                    position,
+                    reason: format!("session {} was closed by the ledger: {}", ev.session_id, summary.end_reason),
+                });
+            }
             let index = state.next_index;
             let entry = Entry::encode(index, commit, &state.head, bytes);
             state.head = entry_hash(&entry);
             state.next_index += 1;
             state.last_commit_ns = commit;
-            writes.push(Put {
-                cf: cf::ENTRIES,
-                key: index.to_be_bytes().to_vec(),
-                value: entry,
-            });
-            writes.push(Put {
-                cf: cf::IDEM,
-                key: key.clone(),
-                value: index.to_be_bytes().to_vec(),
-            });
-            writes.push(Put {
-                cf: cf::BY_SESSION,
-                key: by_session_key(&ev.session_id, index),
-                value: Vec::new(),
-            });
+            writes.push(Put::new(cf::ENTRIES, index.to_be_bytes().to_vec(), entry));
+            writes.push(Put::new(cf::IDEM, key.clone(), index.to_be_bytes().to_vec()));
+            writes.push(Put::new(cf::BY_SESSION, by_session_key(&ev.session_id, index), Vec::new()));
             seen.insert(key, index);
-
-            let summary = match sessions.remove(&ev.session_id) {
-                Some(s) => s,
-                None => lookup.session(&ev.session_id)?.unwrap_or_default(),
-            };
-            sessions.insert(ev.session_id.clone(), fold_session(summary, &ev, index, commit));
+            let was_open = summary.status == "open";
+            let summary = fold_session(summary, &ev, index, commit);
+            let open_key = open_session_key(&summary.proxy_id, &ev.session_id);
+            if summary.status == "open" {
+                writes.push(Put::new(cf::OPEN_SESSIONS, open_key, Vec::new()));
+            } else if was_open {
+                writes.push(Put::delete(cf::OPEN_SESSIONS, open_key));
+            }
+            sessions.insert(ev.session_id.clone(), summary);
             results.push(AppendResult {
                 index,
                 commit_time_ns: commit,
@@ -301,18 +431,10 @@ impl LedgerState {
         let mut sessions: Vec<_> = sessions.into_iter().collect();
         sessions.sort_by(|a, b| a.0.cmp(&b.0));
         for (id, s) in sessions {
-            writes.push(Put {
-                cf: cf::SESSIONS,
-                key: id.into_bytes(),
-                // Serializing a plain struct of strings and integers cannot fail.
-                value: serde_json::to_vec(&s).unwrap_or_default(),
-            });
+            // Serializing a plain struct of strings and integers cannot fail.
+            writes.push(Put::new(cf::SESSIONS, id.into_bytes(), serde_json::to_vec(&s).unwrap_or_default()));
         }
-        writes.push(Put {
-            cf: cf::META,
-            key: META_STATE.to_vec(),
-            value: state.encode(),
-        });
+        writes.push(Put::new(cf::META, META_STATE.to_vec(), state.encode()));
         Ok(Applied {
             state,
             writes,
@@ -338,8 +460,11 @@ fn fold_session(mut s: SessionSummary, ev: &Event, index: u64, commit: i64) -> S
         s.start_ns = commit;
         s.first_index = index;
         s.status = "open".into();
+        s.proxy_instance = ev.proxy_instance.clone();
     }
     s.events += 1;
+    s.last_seq = ev.seq;
+    s.last_kind = ev.kind;
     s.last_ns = commit;
     s.last_index = index;
     match &ev.body {
@@ -365,8 +490,13 @@ fn fold_session(mut s: SessionSummary, ev: &Event, index: u64, commit: i64) -> S
         }
         Some(event::Body::SessionEnd(e)) => {
             if s.status != "denied" {
-                s.status = "ended".into();
-                s.end_reason = e.reason.clone();
+                if e.reason == END_ABANDONED {
+                    s.status = STATUS_ABANDONED.into();
+                    s.end_reason = format!("{}: {}", e.reason, e.detail);
+                } else {
+                    s.status = "ended".into();
+                    s.end_reason = e.reason.clone();
+                }
             }
             s.last_response_unrecorded = e.last_response_unrecorded;
         }
@@ -402,6 +532,9 @@ mod tests {
         }
         fn session(&self, id: &str) -> Result<Option<SessionSummary>, StoreError> {
             Ok(self.sessions.get(id).cloned())
+        }
+        fn entry_at(&self, index: u64) -> Result<Option<Vec<u8>>, StoreError> {
+            Ok(self.entries.get(index as usize).cloned())
         }
     }
 
@@ -484,6 +617,44 @@ mod tests {
         let again = a.state.apply_append(&batch, 1 << 20, &mem).unwrap();
         assert_eq!(again.state.next_index, 2, "a retried batch adds nothing");
         assert!(again.results.iter().all(|r| r.duplicate));
+    }
+
+    #[test]
+    fn different_bytes_under_a_stored_key_are_refused_not_taken_for_a_retry() {
+        let mut mem = Mem::default();
+        let st = LedgerState::empty();
+        let a = st.apply_append(&AppendBatch { commit_time_ns: 1, events: vec![ev("s", 0, "a")] }, 1 << 20, &mem).unwrap();
+        mem.commit(&a);
+        let err = a.state.apply_append(&AppendBatch { commit_time_ns: 2, events: vec![ev("s", 0, "b")] }, 1 << 20, &mem).unwrap_err();
+        assert!(matches!(err, ApplyError::Refused { position: 0, .. }), "{err}");
+        // The same within one batch.
+        let err = st.apply_append(&AppendBatch { commit_time_ns: 1, events: vec![ev("t", 0, "a"), ev("t", 0, "b")] }, 1 << 20, &Mem::default()).unwrap_err();
+        assert!(matches!(err, ApplyError::Refused { position: 1, .. }), "{err}");
+    }
+
+    #[test]
+    fn an_abandoned_session_takes_no_more_events() {
+        let mut mem = Mem::default();
+        let st = LedgerState::empty();
+        let end = Event {
+            proxy_id: "p1".into(),
+            session_id: "s".into(),
+            seq: 1,
+            kind: EventKind::SessionEnd as i32,
+            body: Some(event::Body::SessionEnd(custody_proto::pb::v1::SessionEnd {
+                reason: END_ABANDONED.into(),
+                detail: "lease lapsed".into(),
+                last_response_unrecorded: true,
+            })),
+            ..Default::default()
+        }
+        .encode_to_vec()
+        .into();
+        let a = st.apply_append(&AppendBatch { commit_time_ns: 1, events: vec![ev("s", 0, "a"), end] }, 1 << 20, &mem).unwrap();
+        mem.commit(&a);
+        assert_eq!(mem.sessions["s"].status, STATUS_ABANDONED);
+        let err = a.state.apply_append(&AppendBatch { commit_time_ns: 2, events: vec![ev("s", 2, "late")] }, 1 << 20, &mem).unwrap_err();
+        assert!(err.to_string().contains("closed by the ledger"), "{err}");
     }
 
     #[test]

@@ -19,10 +19,16 @@ pub mod cf {
     pub const SESSIONS: &str = "sessions";
     /// session id, 0, index (u64 BE) -> empty. Finds a session's events without a scan.
     pub const BY_SESSION: &str = "by_session";
-    /// Small state-machine values: next index, head hash, last commit time.
+    /// Small state-machine values: next index, head hash, last commit time, the Raft index
+    /// and conf state applied, cluster membership.
     pub const META: &str = "meta";
+    /// proxy id (u16 length-prefixed), session id -> empty: the sessions still open, per
+    /// proxy, so that a lapsed lease finds them without a scan.
+    pub const OPEN_SESSIONS: &str = "open_sessions";
+    /// proxy id -> lease (JSON).
+    pub const LEASES: &str = "leases";
     /// All of them.
-    pub const ALL: [&str; 5] = [ENTRIES, IDEM, SESSIONS, BY_SESSION, META];
+    pub const ALL: [&str; 7] = [ENTRIES, IDEM, SESSIONS, BY_SESSION, META, OPEN_SESSIONS, LEASES];
 }
 
 /// A storage failure.
@@ -46,6 +52,20 @@ pub struct Put {
     pub key: Vec<u8>,
     /// Value.
     pub value: Vec<u8>,
+    /// Delete the key instead of writing `value`.
+    pub delete: bool,
+}
+
+impl Put {
+    /// Writes `value` at `key`.
+    pub fn new(cf: &'static str, key: Vec<u8>, value: Vec<u8>) -> Self {
+        Self { cf, key, value, delete: false }
+    }
+
+    /// Deletes `key`.
+    pub fn delete(cf: &'static str, key: Vec<u8>) -> Self {
+        Self { cf, key, value: Vec::new(), delete: true }
+    }
 }
 
 /// Writes to apply atomically.
@@ -90,7 +110,11 @@ impl Store {
     pub fn write(&self, writes: &[Put], sync: bool) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
         for p in writes {
-            batch.put_cf(self.cf(p.cf)?, &p.key, &p.value);
+            if p.delete {
+                batch.delete_cf(self.cf(p.cf)?, &p.key);
+            } else {
+                batch.put_cf(self.cf(p.cf)?, &p.key, &p.value);
+            }
         }
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
@@ -148,6 +172,34 @@ impl Store {
     ) -> Result<impl Iterator<Item = Result<Vec<u8>, StoreError>> + 'a, StoreError> {
         let it = self.db.iterator_cf(self.cf(cf)?, IteratorMode::Start);
         Ok(it.map(|r| r.map(|(_, v)| v.into_vec()).map_err(StoreError::from)))
+    }
+
+    /// Values of `cf` whose keys start with `prefix`, in key order.
+    pub fn scan_prefix<'a>(
+        &'a self,
+        cf: &str,
+        prefix: &'a [u8],
+    ) -> Result<impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>), StoreError>> + 'a, StoreError> {
+        let it = self
+            .db
+            .iterator_cf(self.cf(cf)?, IteratorMode::From(prefix, Direction::Forward));
+        Ok(it.map(|r| r.map_err(StoreError::from)).take_while(move |r| match r {
+            Ok((k, _)) => k.starts_with(prefix),
+            Err(_) => true,
+        }))
+    }
+
+    /// Writes a consistent copy of the database to `dir` (hard links where possible), with
+    /// memtables flushed first, so that the copy is durable and complete.
+    pub fn checkpoint(&self, dir: &Path) -> Result<(), StoreError> {
+        let cp = rocksdb::checkpoint::Checkpoint::new(&self.db)?;
+        cp.create_checkpoint(dir)?;
+        Ok(())
+    }
+
+    /// The directory the database lives in.
+    pub fn path(&self) -> &Path {
+        self.db.path()
     }
 
     /// Flushes memtables and syncs the WAL (used at shutdown).

@@ -77,6 +77,9 @@ pub struct TicketQuery {
     pub kind: Option<String>,
     pub from_index: Option<u64>,
     pub limit: Option<u64>,
+    /// Serve from this node's copy if it heard from the leader within this many
+    /// milliseconds, instead of a linearizable read through the leader.
+    pub max_staleness_ms: Option<u64>,
 }
 
 /// Largest ticket accepted.

@@ -9,6 +9,8 @@
 //! record_bytes_limit = 65536           # rows/params kept per response, the rest is counted
 //! max_message_bytes = 268435456        # largest client message, and largest server message
 //!                                      # other than DataRow/CopyData (those stream through)
+//! lease_ttl_ms = 10000                # a dead proxy's sessions are closed this long after
+//!                                      # its last lease renewal
 //! response_hold_ms = 5                 # hold an idle session's response events this long so
 //!                                      # they share one commit with its next request (0: off)
 //!
@@ -69,6 +71,10 @@ pub struct ProxyConfig {
     /// commit with its next request. Responses reach the caller at once either way.
     #[serde(default = "default_response_hold")]
     pub response_hold_ms: u64,
+    /// Length of the proxy's lease with the ledger; when a dead proxy's lease lapses, the
+    /// ledger closes its open sessions.
+    #[serde(default = "default_lease_ttl")]
+    pub lease_ttl_ms: u64,
     /// Most concurrent sessions.
     #[serde(default = "default_max_sessions")]
     pub max_sessions: usize,
@@ -196,6 +202,10 @@ fn default_append_timeout() -> u64 {
 fn default_record_limit() -> usize {
     64 * 1024
 }
+fn default_lease_ttl() -> u64 {
+    10_000
+}
+
 fn default_response_hold() -> u64 {
     5
 }

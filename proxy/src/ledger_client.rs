@@ -1,4 +1,4 @@
-//! The proxy's client for the ledger's `Append` API.
+//! The proxy's client for the ledger cluster's `Append` and `RenewLease` API.
 //!
 //! Every call has a deadline. Within it, transport failures and `unavailable` answers are
 //! retried (rotating through the configured endpoints) with the same bytes; because every
@@ -7,12 +7,12 @@
 //! [`LedgerError::Unavailable`] and must fail closed.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use custody_proto::pb::ledger::ledger_client::LedgerClient as Grpc;
-use custody_proto::pb::ledger::{AppendRequest, AppendResult, StatusRequest, StatusResponse};
+use custody_proto::pb::ledger::{AppendRequest, AppendResult, RenewLeaseRequest, StatusRequest, StatusResponse};
 use thiserror::Error;
 use tonic::transport::{Channel, Endpoint};
 use tracing::debug;
@@ -31,31 +31,59 @@ pub enum LedgerError {
 }
 
 /// A handle to the ledger cluster. Cheap to clone.
+///
+/// It knows the configured endpoints and learns the leader: a node that is not the leader
+/// answers `FAILED_PRECONDITION` with the leader's address in the `custody-leader` metadata,
+/// and the next attempt goes there. Without a known leader it rotates through the endpoints
+/// with a short back-off, so an election costs one deadline at most.
 #[derive(Clone)]
 pub struct LedgerClient {
-    channels: Arc<Vec<(String, Channel)>>,
+    channels: Arc<RwLock<Vec<(String, Channel)>>>,
     current: Arc<AtomicUsize>,
     timeout: Duration,
 }
 
 /// Largest append message sent.
 const MAX_MESSAGE: usize = 64 << 20;
+/// Metadata key the ledger puts the leader's address under.
+const LEADER_METADATA: &str = "custody-leader";
+
+fn channel(url: &str) -> anyhow::Result<Channel> {
+    let ep = Endpoint::from_shared(url.to_string())?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5));
+    Ok(ep.connect_lazy())
+}
+
+fn url_of(addr: &str) -> String {
+    if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+/// What one attempt taught us.
+enum Attempt<T> {
+    Done(T),
+    Rejected(String),
+    /// Try the leader at this endpoint index next, at once.
+    Redirect(usize),
+    Retry(String),
+}
 
 impl LedgerClient {
     /// A client for `urls` (e.g. `http://127.0.0.1:7400`). Connections are made lazily.
     pub fn new(urls: &[String], timeout: Duration) -> anyhow::Result<Self> {
         let mut channels = Vec::new();
         for u in urls {
-            let ep = Endpoint::from_shared(u.clone())?
-                .connect_timeout(Duration::from_secs(2))
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(10))
-                .keep_alive_timeout(Duration::from_secs(5));
-            channels.push((u.clone(), ep.connect_lazy()));
+            channels.push((url_of(u), channel(&url_of(u))?));
         }
         anyhow::ensure!(!channels.is_empty(), "no ledger endpoints configured");
         Ok(Self {
-            channels: Arc::new(channels),
+            channels: Arc::new(RwLock::new(channels)),
             current: Arc::new(AtomicUsize::new(0)),
             timeout,
         })
@@ -66,79 +94,137 @@ impl LedgerClient {
         self.timeout
     }
 
-    fn grpc(&self) -> (usize, Grpc<Channel>) {
-        let i = self.current.load(Ordering::Relaxed) % self.channels.len();
+    fn grpc(&self) -> (usize, String, Grpc<Channel>) {
+        let chans = self.channels.read().unwrap_or_else(|p| p.into_inner());
+        let i = self.current.load(Ordering::Relaxed) % chans.len();
         (
             i,
-            Grpc::new(self.channels[i].1.clone())
+            chans[i].0.clone(),
+            Grpc::new(chans[i].1.clone())
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE),
         )
     }
 
     fn rotate(&self, from: usize) {
+        let n = self.channels.read().unwrap_or_else(|p| p.into_inner()).len();
         let _ = self
             .current
-            .compare_exchange(from, (from + 1) % self.channels.len(), Ordering::Relaxed, Ordering::Relaxed);
+            .compare_exchange(from, (from + 1) % n, Ordering::Relaxed, Ordering::Relaxed);
     }
 
-    /// Appends `events`, retrying until the deadline. Returns one result per event.
-    pub async fn append(&self, events: Vec<Bytes>) -> Result<Vec<AppendResult>, LedgerError> {
+    /// The index of `addr`'s channel, adding one for a leader not in the config.
+    fn endpoint_for(&self, addr: &str) -> Option<usize> {
+        let url = url_of(addr);
+        if let Some(i) = self.channels.read().unwrap_or_else(|p| p.into_inner()).iter().position(|(u, _)| *u == url) {
+            return Some(i);
+        }
+        let ch = channel(&url).ok()?;
+        let mut chans = self.channels.write().unwrap_or_else(|p| p.into_inner());
+        if chans.len() >= 64 {
+            return None;
+        }
+        chans.push((url, ch));
+        Some(chans.len() - 1)
+    }
+
+    fn classify<T>(&self, endpoint: &str, status: tonic::Status) -> Attempt<T> {
+        match status.code() {
+            tonic::Code::InvalidArgument => Attempt::Rejected(status.message().to_string()),
+            tonic::Code::FailedPrecondition => {
+                match status.metadata().get(LEADER_METADATA).and_then(|v| v.to_str().ok()).and_then(|a| self.endpoint_for(a)) {
+                    Some(i) => Attempt::Redirect(i),
+                    None => Attempt::Retry(format!("{endpoint}: {}", status.message())),
+                }
+            }
+            _ => Attempt::Retry(format!("{endpoint}: {}", status.message())),
+        }
+    }
+
+    async fn with_retries<T, F, Fut>(&self, what: &str, mut attempt: F) -> Result<T, LedgerError>
+    where
+        F: FnMut(Grpc<Channel>, Duration) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
         let deadline = Instant::now() + self.timeout;
         let mut backoff = Duration::from_millis(20);
-        let n = events.len();
+        let mut last = String::from("no attempt made");
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
-                return Err(LedgerError::Unavailable(format!(
-                    "no commit within {} ms",
-                    self.timeout.as_millis()
-                )));
+                return Err(LedgerError::Unavailable(format!("no {what} within {} ms; last error: {last}", self.timeout.as_millis())));
             }
-            let (i, mut client) = self.grpc();
-            let mut req = tonic::Request::new(AppendRequest { events: events.clone() });
-            req.set_timeout(remaining);
-            let last = match tokio::time::timeout(remaining, client.append(req)).await {
-                Ok(Ok(resp)) => {
-                    let results = resp.into_inner().results;
-                    if results.len() != n {
-                        return Err(LedgerError::Rejected(format!(
-                            "ledger answered {} results for {n} events",
-                            results.len()
-                        )));
-                    }
-                    return Ok(results);
-                }
-                Ok(Err(status)) => match status.code() {
-                    tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition => {
-                        return Err(LedgerError::Rejected(status.message().to_string()))
-                    }
-                    _ => format!("{}: {}", self.channels[i].0, status.message()),
-                },
-                Err(_) => format!("{}: no answer before the deadline", self.channels[i].0),
+            let (i, endpoint, client) = self.grpc();
+            let outcome = match tokio::time::timeout(remaining, attempt(client, remaining)).await {
+                Ok(Ok(v)) => Attempt::Done(v),
+                Ok(Err(status)) => self.classify(&endpoint, status),
+                Err(_) => Attempt::Retry(format!("{endpoint}: no answer before the deadline")),
             };
-            debug!(error = %last, "append attempt failed; retrying");
-            self.rotate(i);
+            match outcome {
+                Attempt::Done(v) => return Ok(v),
+                Attempt::Rejected(m) => return Err(LedgerError::Rejected(m)),
+                Attempt::Redirect(to) => {
+                    debug!(from = %endpoint, to, "ledger redirected to its leader");
+                    self.current.store(to, Ordering::Relaxed);
+                    continue;
+                }
+                Attempt::Retry(m) => {
+                    debug!(error = %m, "{what} attempt failed; retrying");
+                    last = m;
+                    self.rotate(i);
+                }
+            }
             let sleep = backoff.min(deadline.saturating_duration_since(Instant::now()));
             if sleep.is_zero() {
                 return Err(LedgerError::Unavailable(last));
             }
             tokio::time::sleep(sleep).await;
-            backoff = (backoff * 2).min(Duration::from_millis(500));
-            if Instant::now() >= deadline {
-                return Err(LedgerError::Unavailable(last));
-            }
+            backoff = (backoff * 2).min(Duration::from_millis(250));
         }
+    }
+
+    /// Appends `events`, retrying (with the same bytes) until the deadline. Returns one result
+    /// per event, after the cluster committed them.
+    pub async fn append(&self, events: Vec<Bytes>) -> Result<Vec<AppendResult>, LedgerError> {
+        let n = events.len();
+        let results = self
+            .with_retries("commit", |mut client, remaining| {
+                let mut req = tonic::Request::new(AppendRequest { events: events.clone() });
+                req.set_timeout(remaining);
+                async move { client.append(req).await.map(|r| r.into_inner().results) }
+            })
+            .await?;
+        if results.len() != n {
+            return Err(LedgerError::Rejected(format!("ledger answered {} results for {n} events", results.len())));
+        }
+        Ok(results)
+    }
+
+    /// Takes or renews this proxy run's lease; returns its expiry (ledger time, unix ns) and
+    /// how many sessions of an earlier run the ledger closed.
+    pub async fn renew_lease(&self, proxy_id: &str, instance: &str, ttl: Duration) -> Result<(i64, u32), LedgerError> {
+        let req = RenewLeaseRequest {
+            proxy_id: proxy_id.to_string(),
+            instance: instance.to_string(),
+            ttl_ms: ttl.as_millis().min(u32::MAX as u128) as u32,
+        };
+        self.with_retries("lease renewal", |mut client, remaining| {
+            let mut r = tonic::Request::new(req.clone());
+            r.set_timeout(remaining);
+            async move { client.renew_lease(r).await.map(|r| r.into_inner()) }
+        })
+        .await
+        .map(|r| (r.expires_ns, r.abandoned_sessions))
     }
 
     /// The ledger's status, for readiness checks.
     pub async fn status(&self) -> Result<StatusResponse, LedgerError> {
-        let (i, mut client) = self.grpc();
+        let (i, endpoint, mut client) = self.grpc();
         let mut req = tonic::Request::new(StatusRequest {});
         req.set_timeout(Duration::from_secs(2));
         client.status(req).await.map(|r| r.into_inner()).map_err(|s| {
             self.rotate(i);
-            LedgerError::Unavailable(format!("{}: {}", self.channels[i].0, s.message()))
+            LedgerError::Unavailable(format!("{endpoint}: {}", s.message()))
         })
     }
 }

@@ -32,6 +32,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 struct Shared {
     cfg: ProxyConfig,
+    /// This run of the proxy; the ledger closes a run's open sessions when its lease lapses.
+    instance: String,
     validator: TokenValidator,
     ledger: LedgerClient,
     metrics: Arc<ProxyMetrics>,
@@ -73,7 +75,10 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()> + Send + '
 
     let metrics = Arc::new(ProxyMetrics::new());
     let ledger = LedgerClient::new(&cfg.ledger, Duration::from_millis(cfg.append_timeout_ms))?;
+    let instance = uuid::Uuid::now_v7().to_string();
+    tokio::spawn(keep_lease(ledger.clone(), cfg.proxy_id.clone(), instance.clone(), Duration::from_millis(cfg.lease_ttl_ms), stop_rx.clone()));
     let shared = Arc::new(Shared {
+        instance,
         validator: TokenValidator::new(cfg.issuers.clone())?,
         ledger: ledger.clone(),
         metrics: metrics.clone(),
@@ -138,6 +143,33 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()> + Send + '
     endpoint.wait_idle().await;
     info!("proxy stopped");
     Ok(())
+}
+
+/// Keeps this proxy run's lease with the ledger, renewing every third of its length. If the
+/// proxy dies, the lease lapses and the ledger closes the run's open sessions with a
+/// session-end event (reason `abandoned`), so the record says where each one stopped.
+async fn keep_lease(ledger: LedgerClient, proxy_id: String, instance: String, ttl: Duration, mut stop: watch::Receiver<bool>) {
+    let mut healthy = true;
+    loop {
+        match ledger.renew_lease(&proxy_id, &instance, ttl).await {
+            Ok((_, abandoned)) => {
+                if !healthy || abandoned > 0 {
+                    info!(abandoned_sessions = abandoned, "proxy lease held");
+                }
+                healthy = true;
+            }
+            Err(e) => {
+                if healthy {
+                    warn!(error = %e, "cannot renew the proxy's lease with the ledger; if it lapses, the ledger closes this proxy's open sessions");
+                }
+                healthy = false;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(ttl / 3) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
 }
 
 async fn handle_connection(conn: quinn::Connection, shared: Arc<Shared>) {
@@ -242,6 +274,7 @@ async fn handle_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream,
         };
         let template = Event {
             proxy_id: shared.cfg.proxy_id.clone(),
+            proxy_instance: shared.instance.clone(),
             session_id: session_id.clone(),
             identity: Some(identity.clone()),
             resource: resource.name.clone(),

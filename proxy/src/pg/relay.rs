@@ -272,7 +272,13 @@ async fn finish<W: AsyncWrite + Unpin>(ctx: &mut SessionContext, cwr: &mut W, en
         }),
     );
     ctx.recorder.start_flush();
-    if let Err(e) = ctx.recorder.drain().await {
+    let drained = ctx.recorder.drain().await;
+    if let Err(LedgerError::Rejected(m)) = &drained {
+        // The ledger already closed the session (or refuses its events): retrying cannot help.
+        warn!(session_id = %ctx.recorder.session_id(), unrecorded = ctx.recorder.queued(), error = %m, "the ledger refused the end of this session");
+        return ending;
+    }
+    if let Err(e) = drained {
         warn!(
             session_id = %ctx.recorder.session_id(),
             unrecorded = ctx.recorder.queued(),
@@ -555,6 +561,16 @@ where
                 hold_until = None;
             }
             r = ctx.recorder.wait(), if ctx.recorder.has_inflight() => {
+                if let Err(LedgerError::Rejected(m)) = &r {
+                    // Not a passing outage: the ledger will never take these events (it closed
+                    // this session after the proxy's lease lapsed, or they conflict). Nothing
+                    // more of the session may run unrecorded, so it ends here.
+                    ctx.metrics.refused_ledger.inc();
+                    warn!(session_id = %session_id, error = %m, "the ledger refused this session's events; closing it");
+                    let msg = format!("custody: session closed: the audit ledger refused its events ({m})");
+                    let _ = cwr.write_all(&fatal(SQLSTATE_LEDGER_UNAVAILABLE, &msg, Some("Reconnect to start a new session."))).await;
+                    break Ending::new("ledger_refused", m.clone());
+                }
                 if let Err(e) = r {
                     hold_until = Some(tokio::time::Instant::now() + LEDGER_RETRY_BACKOFF);
                     ctx.metrics.ledger_failures.inc();

@@ -1,0 +1,277 @@
+//! The replicated ledger as SREs run it: real `custody-ledger` processes with mutual TLS,
+//! real kills, pauses and cut links.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use custody_e2e::cluster::{ClusterOptions, LedgerCluster};
+use custody_e2e::*;
+use custody_proto::pb::v1::{event, PgRequest};
+use custody_proto::{Event, EventKind};
+use custody_proxy::ledger_client::LedgerClient;
+use prost::Message;
+
+fn event(session: &str, seq: u64) -> Bytes {
+    Event {
+        proxy_id: "e2e".into(),
+        session_id: session.into(),
+        seq,
+        kind: EventKind::Request as i32,
+        body: Some(event::Body::PgRequest(PgRequest { message: "Query".into(), sql: format!("op {session} {seq}"), ..Default::default() })),
+        ..Default::default()
+    }
+    .encode_to_vec()
+    .into()
+}
+
+/// Appends `n` events of `session` one request at a time through the proxy's ledger client.
+fn append_n(urls: &[String], session: &str, from: u64, n: u64) -> Vec<u64> {
+    rt().block_on(async {
+        let c = LedgerClient::new(urls, Duration::from_secs(10)).unwrap();
+        let mut idx = Vec::new();
+        for seq in from..from + n {
+            let r = c.append(vec![event(session, seq)]).await.unwrap_or_else(|e| panic!("append {session} {seq}: {e}"));
+            idx.push(r[0].index);
+        }
+        idx
+    })
+}
+
+/// Every node's events as `custody events` would print them, read from that node's copy.
+fn node_entries(node: &custody_e2e::cluster::ClusterNode) -> Vec<serde_json::Value> {
+    rt().block_on(async {
+        let batches = custody::query::fetch(&node.flight(), &serde_json::json!({"table": "events", "max_staleness_ms": 600000})).await.unwrap();
+        let mut buf = Vec::new();
+        let mut w = arrow::json::LineDelimitedWriter::new(&mut buf);
+        for b in &batches {
+            w.write(b).unwrap();
+        }
+        w.finish().unwrap();
+        String::from_utf8(buf).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    })
+}
+
+fn scratch(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("custody-cluster-{name}-")).tempdir().unwrap()
+}
+
+#[test]
+fn three_nodes_replicate_survive_the_leader_s_death_and_report_health() {
+    let dir = scratch("basic");
+    let mut c = LedgerCluster::start(dir.path(), 3, ClusterOptions::default()).unwrap();
+    let urls = c.urls();
+    let first = append_n(&urls, "a", 0, 100);
+    assert_eq!(first, (0..100).collect::<Vec<_>>(), "indices are dense and in order");
+
+    let leader = c.wait_leader(Duration::from_secs(10)).unwrap();
+    let st = c.status(leader).unwrap();
+    assert_eq!(st["voters"].as_array().unwrap().len(), 3);
+    let metrics = http_get(c.nodes[&leader].http, "/metrics").unwrap();
+    for m in ["custody_ledger_raft_term", "custody_ledger_raft_leader_id", "custody_ledger_raft_commit_index", "custody_ledger_raft_applied_index", "custody_ledger_append_latency_seconds_bucket", "custody_ledger_batch_size_events_bucket"] {
+        assert!(metrics.contains(m), "metrics lack {m}");
+    }
+    assert!(http_get(c.nodes[&leader].http, "/readyz").unwrap().starts_with("ready role=leader"));
+
+    // The leader dies; a new one is elected and appends go on through the same client.
+    c.kill(leader);
+    let t0 = Instant::now();
+    let after = append_n(&urls, "b", 0, 100);
+    assert!(t0.elapsed() < Duration::from_secs(15), "an election took {:?}", t0.elapsed());
+    assert_eq!(after, (100..200).collect::<Vec<_>>());
+    let new_leader = c.wait_leader(Duration::from_secs(10)).unwrap();
+    assert_ne!(new_leader, leader);
+    assert!(c.status(new_leader).unwrap()["term"].as_u64().unwrap() > st["term"].as_u64().unwrap());
+
+    // The old leader comes back and catches up; every node holds the same 200 events.
+    c.restart(leader).unwrap();
+    let (size, _) = c.wait_converged(Duration::from_secs(30)).unwrap();
+    assert_eq!(size, 200);
+    let reference = node_entries(&c.nodes[&new_leader]);
+    for id in c.running() {
+        let e = node_entries(&c.nodes[&id]);
+        assert_eq!(e, reference, "node {id} holds the same log");
+    }
+    let out = custody_cmd(&dir.path().join("home"), None).args(["verify", "--flight", &c.nodes[&leader].flight()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // The CLI shows it, as an SRE would look.
+    let out = Command::new(bin("custody-ledger")).args(["status", "--endpoint", &c.nodes[&leader].url()]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("role") && text.contains(&format!("leader {new_leader}")), "{text}");
+}
+
+#[test]
+fn a_new_node_catches_up_from_a_snapshot_and_a_removed_node_stays_out() {
+    let dir = scratch("members");
+    let mut c = LedgerCluster::start(dir.path(), 3, ClusterOptions { snapshot_interval: 100, log_retain: 20, ..Default::default() }).unwrap();
+    let urls = c.urls();
+    append_n(&urls, "s", 0, 300);
+    // The leader compacted its log behind a snapshot; node 4 can only catch up from one.
+    let leader = c.wait_leader(Duration::from_secs(5)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.status(leader).unwrap()["log_first_index"].as_u64().unwrap() <= 2 {
+        assert!(Instant::now() < deadline, "the leader never compacted its log");
+        append_n(&urls, "s", 300 + rand_seq(), 1);
+    }
+    c.add_node(4).unwrap();
+    let (size, _) = c.wait_converged(Duration::from_secs(30)).unwrap();
+    assert!(size >= 300);
+    let log4 = std::fs::read_to_string(&c.nodes[&4].log).unwrap();
+    assert!(log4.contains("installed a snapshot from the leader"), "node 4 caught up from a snapshot:\n{log4}");
+    assert_eq!(node_entries(&c.nodes[&4]), node_entries(&c.nodes[&leader]));
+    assert_eq!(c.status(leader).unwrap()["voters"].as_array().unwrap().len(), 4);
+
+    // Appends keep working while node 4 leaves; it stops itself once removed.
+    c.remove_node(4).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = c.nodes.get_mut(&4).and_then(|n| n.proc.as_mut()).and_then(|p| p.child.try_wait().ok().flatten()) {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "node 4 did not stop after its removal");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status.code(), Some(3), "a removed node exits with status 3");
+    append_n(&urls, "after-removal", 0, 20);
+
+    // Restarted on its old data, node 4 is refused by the others and cannot disrupt them.
+    c.restart(4).unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    append_n(&urls, "after-return", 0, 20);
+    let refusals: usize = [1u64, 2, 3].iter().map(|id| std::fs::read_to_string(&c.nodes[id].log).unwrap().matches("node 4 was removed from this cluster").count()).sum();
+    assert!(refusals > 0, "the members refused the removed node's connections");
+    assert_eq!(c.status(leader).unwrap()["voters"].as_array().unwrap().len(), 3);
+    // Its id cannot be reused.
+    let out = Command::new(bin("custody-ledger"))
+        .args(["member", "add", "--endpoint", &c.nodes[&leader].url(), "--id", "4", "--peer-addr", "127.0.0.1:1", "--client-addr", "127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("cannot be reused"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn rand_seq() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 % 1_000_000_000
+}
+
+#[test]
+fn wrong_certificates_other_clusters_data_and_corrupt_files_are_refused() {
+    let dir = scratch("bad");
+    let mut c = LedgerCluster::start(dir.path(), 3, ClusterOptions::default()).unwrap();
+    let urls = c.urls();
+    append_n(&urls, "x", 0, 50);
+
+    // A node whose certificate comes from another CA: its peers refuse the TLS handshake.
+    let other = dir.path().join("other-ca");
+    assert!(Command::new(bin("custody-ledger")).args(["gen-certs", "--dir"]).arg(&other).args(["--nodes", "3"]).status().unwrap().success());
+    c.kill(3);
+    let cfg3 = std::fs::read_to_string(&c.nodes[&3].config).unwrap();
+    let certs = c.certs.display().to_string();
+    std::fs::write(&c.nodes[&3].config, cfg3.replace(&format!("{certs}/ledger-3.pem"), &format!("{}/ledger-3.pem", other.display())).replace(&format!("{certs}/ledger-3-key.pem"), &format!("{}/ledger-3-key.pem", other.display()))).unwrap();
+    c.restart(3).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    append_n(&urls, "y", 0, 20);
+    let leader = c.wait_leader(Duration::from_secs(5)).unwrap();
+    assert_ne!(leader, 3);
+    let logs: String = [1u64, 2].iter().map(|id| std::fs::read_to_string(&c.nodes[id].log).unwrap()).collect();
+    assert!(logs.contains("TLS handshake failed"), "the members say why they refused node 3");
+    assert!(c.status(3).unwrap()["size"].as_u64().unwrap() <= 50, "node 3 received nothing new");
+    c.kill(3);
+    std::fs::write(&c.nodes[&3].config, cfg3).unwrap();
+    c.restart(3).unwrap();
+    c.wait_converged(Duration::from_secs(20)).unwrap();
+
+    // Another cluster's data under this node's config: refused at start.
+    c.kill(2);
+    let cfg2 = std::fs::read_to_string(&c.nodes[&2].config).unwrap();
+    let foreign = cfg2.replace(&format!("name = \"{}\"", c.name), "name = \"someone-else\"");
+    let foreign_cfg = dir.path().join("foreign.toml");
+    std::fs::write(&foreign_cfg, foreign).unwrap();
+    let out = Command::new(bin("custody-ledger")).args(["serve", "--config"]).arg(&foreign_cfg).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("refusing to start rather than join the wrong cluster"), "{err}");
+
+    // A corrupt file in the state machine: refused at start, with where to look.
+    let state = std::fs::read_to_string(c.nodes[&2].data.join("STATE")).unwrap();
+    let state_dir = c.nodes[&2].data.join(state.trim());
+    let current = std::fs::read_to_string(state_dir.join("CURRENT")).unwrap();
+    std::fs::write(state_dir.join(current.trim()), b"this is not a rocksdb manifest").unwrap();
+    let out = Command::new(bin("custody-ledger")).args(["serve", "--config"]).arg(&c.nodes[&2].config).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("cannot be opened") && err.contains("rebuild this node from its peers"), "{err}");
+    // The two healthy nodes are still a majority.
+    append_n(&urls, "z", 0, 10);
+}
+
+#[test]
+fn reads_are_linearizable_through_the_leader_and_stale_reads_need_a_bound() {
+    let dir = scratch("reads");
+    let c = LedgerCluster::start(dir.path(), 3, ClusterOptions { relays: true, ..Default::default() }).unwrap();
+    let urls = c.urls();
+    append_n(&urls, "r", 0, 30);
+    let leader = c.wait_leader(Duration::from_secs(5)).unwrap();
+    let follower = *c.nodes.keys().find(|id| **id != leader).unwrap();
+    let f = &c.nodes[&follower];
+    // A follower serves a linearizable read: ReadIndex through the leader.
+    let n = rt().block_on(custody::query::fetch(&f.flight(), &serde_json::json!({"table": "entries"}))).unwrap().iter().map(|b| b.num_rows()).sum::<usize>();
+    assert_eq!(n, 30);
+    // Cut off, it cannot confirm a read is current, and says how to read anyway.
+    c.partition(&[follower]);
+    std::thread::sleep(Duration::from_secs(3));
+    let err = rt().block_on(custody::query::fetch(&f.flight(), &serde_json::json!({"table": "entries"}))).unwrap_err();
+    assert!(format!("{err:#}").contains("max_staleness_ms"), "{err:#}");
+    let err = rt().block_on(custody::query::fetch(&f.flight(), &serde_json::json!({"table": "entries", "max_staleness_ms": 500}))).unwrap_err();
+    assert!(format!("{err:#}").contains("last heard from the leader"), "{err:#}");
+    let stale = rt().block_on(custody::query::fetch(&f.flight(), &serde_json::json!({"table": "entries", "max_staleness_ms": 600000}))).unwrap();
+    assert_eq!(stale.iter().map(|b| b.num_rows()).sum::<usize>(), 30);
+    c.heal();
+}
+
+#[test]
+fn the_proxy_follows_the_leader_and_a_dead_proxy_s_sessions_are_closed() {
+    let dir = scratch("proxy");
+    let d = dir.path();
+    let mut c = LedgerCluster::start(d, 3, ClusterOptions::default()).unwrap();
+    let pg = Postgres::start().unwrap();
+    let oidc = Oidc::start(d).unwrap();
+    let ledgers: Vec<String> = c.nodes.values().map(|n| n.grpc.to_string()).collect();
+    let mut extra = pg_resource("pg", &pg, d, None).unwrap();
+    extra.push_str("\n[policy.groups]\ndba = [\"pg\"]\n");
+    let opts = ProxyOptions { issuer: oidc.issuer.clone(), audiences: vec!["urn:custody".into()], leeway_secs: 5, append_timeout_ms: 8000, extra: format!("lease_ttl_ms = 2000\n{extra}") };
+    let mut proxy = Proxy::start_with_ledgers(d, &ledgers, &opts).unwrap();
+    let token = rt().block_on(oidc.client_token("ci-client", "urn:custody")).unwrap();
+    let t = Tunnel::start(d, &proxy, "pg", &token).unwrap();
+    pg.direct_sql("create table f(id int)").unwrap();
+    assert!(t.psql(&["-c", "insert into f values (1)"]).status.success());
+
+    // The leader dies; the next statements wait out the election and succeed.
+    let leader = c.wait_leader(Duration::from_secs(5)).unwrap();
+    c.kill(leader);
+    let out = t.psql(&["-c", "insert into f values (2)", "-c", "insert into f values (3)"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(pg.direct_sql("select count(*) from f").unwrap(), "3");
+    c.restart(leader).unwrap();
+
+    // A session is open when the proxy is killed: the ledger closes it for the dead run.
+    let mut open = raw::RawPg::connect(t.port).unwrap();
+    open.send(&raw::query("insert into f values (4)")).unwrap();
+    open.until(|f| f.tag() == b'Z').unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    proxy.proc.kill();
+    // Left dead, the lease lapses (2 s) and the leader closes the run's sessions.
+    std::thread::sleep(Duration::from_secs(5));
+    let ev = node_entries(&c.nodes[&c.wait_leader(Duration::from_secs(5)).unwrap()]);
+    let sid = ev.iter().find(|e| e["sql"] == "insert into f values (4)").unwrap()["session_id"].clone();
+    let end = ev.iter().find(|e| e["session_id"] == sid && e["kind"] == "session_end").expect("the dead proxy's session was closed");
+    assert_eq!(end["reason"], "abandoned");
+    let sessions = rt().block_on(custody::query::fetch(&c.nodes[&leader].flight(), &serde_json::json!({"table": "sessions", "session_id": sid}))).unwrap();
+    assert_eq!(sessions.iter().map(|b| b.num_rows()).sum::<usize>(), 1);
+    // Nothing the session did before is lost, and the record says its proxy died.
+    assert!(ev.iter().any(|e| e["session_id"] == sid && e["command_tag"] == "INSERT 0 1"));
+
+    // A restarted proxy serves again.
+    proxy.restart().unwrap();
+    let token = rt().block_on(oidc.client_token("ci-client", "urn:custody")).unwrap();
+    let t2 = Tunnel::start(d, &proxy, "pg", &token).unwrap();
+    assert!(t2.psql(&["-c", "insert into f values (5)"]).status.success());
+}

@@ -1,0 +1,499 @@
+//! The replicated state machine: applies committed Raft entries to the ledger's state.
+//!
+//! [`LedgerMachine::apply`] takes one committed [`RaftCommand`] and its Raft index, and
+//! stores everything it changes, together with the applied index, in one RocksDB write. Like
+//! [`LedgerState::apply_append`], which it calls for events, it reads no clock, randomness or
+//! local configuration: times come in the commands, chosen by the leader that proposed them.
+//! Every replica that applies the same log therefore holds the same bytes.
+//!
+//! Leader-side helpers ([`LedgerMachine::lapsed_leases`], [`LedgerMachine::abandon_events`])
+//! only read state; what they build is proposed, and decided again on apply.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+use custody_proto::pb::ledger::{raft_command, AbandonCommand, AppendCommand, AppendResult, LeaseCommand, Member, RaftCommand};
+use custody_proto::pb::v1::{event, Identity, Protocol, SessionEnd};
+use custody_proto::{Event, EventKind};
+use prost::Message;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::state::{open_sessions_prefix, validate_event, AppendBatch, ApplyError, LedgerState, Lookup, Overlay, END_ABANDONED};
+use crate::store::{cf, Put, Store, StoreError};
+
+const META_APPLIED: &[u8] = b"raft_applied";
+const META_CONF_STATE: &[u8] = b"raft_conf_state";
+const META_MEMBERS: &[u8] = b"members";
+const META_CLUSTER: &[u8] = b"cluster_id";
+
+/// The store the machine writes, swappable when a snapshot replaces it. Readers take the
+/// current `Arc<Store>` and keep it for the length of a query.
+#[derive(Clone, Debug)]
+pub struct StoreCell(Arc<RwLock<Arc<Store>>>);
+
+impl StoreCell {
+    /// A cell holding `store`.
+    pub fn new(store: Arc<Store>) -> Self {
+        Self(Arc::new(RwLock::new(store)))
+    }
+    /// The current store.
+    pub fn get(&self) -> Arc<Store> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+    /// Replaces the store.
+    pub fn replace(&self, store: Arc<Store>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = store;
+    }
+}
+
+/// Why an entry could not be applied. The node stops: skipping an entry would make this
+/// replica diverge from the others.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum MachineError {
+    /// Reading or writing the state failed (I/O, no space, corruption).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A committed entry does not decode: the log is corrupt.
+    #[error("raft entry {index} does not decode: {reason}")]
+    BadEntry {
+        /// Its index.
+        index: u64,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// A proxy's lease, as the ledger holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// The proxy run holding it.
+    pub instance: String,
+    /// Ledger time it lapses at, unix ns.
+    pub expires_ns: i64,
+    /// It lapsed and its open sessions were closed.
+    pub lapsed: bool,
+}
+
+/// The outcome of one append request (group) in an applied entry.
+pub type GroupOutcome = Result<Vec<AppendResult>, String>;
+
+/// What applying one entry produced, for whoever proposed it.
+#[derive(Debug)]
+pub enum Applied {
+    /// Nothing to report (empty entry, conf change, cancelled command).
+    Nothing,
+    /// One outcome per append group, in order.
+    Append(Vec<GroupOutcome>),
+    /// A lease renewal: its expiry and how many earlier sessions it closed.
+    Lease {
+        /// Ledger time the lease lapses at.
+        expires_ns: i64,
+        /// Sessions of an earlier instance closed.
+        abandoned: u32,
+    },
+    /// Sessions closed because a lease lapsed.
+    Abandoned(u32),
+}
+
+/// The state machine of one ledger node.
+pub struct LedgerMachine {
+    store: StoreCell,
+    state: LedgerState,
+    applied_index: u64,
+    applied_term: u64,
+    max_event_bytes: usize,
+    members: BTreeMap<u64, Member>,
+    removed: BTreeSet<u64>,
+    leases: HashMap<String, Lease>,
+    conf_state: Vec<u8>,
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct MembersRecord {
+    members: BTreeMap<u64, MemberRecord>,
+    removed: BTreeSet<u64>,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+struct MemberRecord {
+    peer_addr: String,
+    client_addr: String,
+    learner: bool,
+}
+
+impl LedgerMachine {
+    /// Loads the machine from `store`, checking the chain head against the last entry.
+    pub fn open(store: StoreCell, max_event_bytes: usize) -> Result<Self, StoreError> {
+        let mut m = Self {
+            store,
+            state: LedgerState::empty(),
+            applied_index: 0,
+            applied_term: 0,
+            max_event_bytes,
+            members: BTreeMap::new(),
+            removed: BTreeSet::new(),
+            leases: HashMap::new(),
+            conf_state: Vec::new(),
+        };
+        m.reload()?;
+        Ok(m)
+    }
+
+    /// Re-reads everything from the current store (after a snapshot replaced it).
+    pub fn reload(&mut self) -> Result<(), StoreError> {
+        let store = self.store.get();
+        self.state = LedgerState::load(&store)?;
+        (self.applied_index, self.applied_term) = match store.get(cf::META, META_APPLIED)? {
+            Some(v) if v.len() == 16 => (u64_at(&v, 0), u64_at(&v, 8)),
+            Some(_) => return Err(StoreError::Corrupt("applied-index record has the wrong size".into())),
+            None => (0, 0),
+        };
+        self.conf_state = store.get(cf::META, META_CONF_STATE)?.unwrap_or_default();
+        let rec: MembersRecord = match store.get(cf::META, META_MEMBERS)? {
+            Some(v) => serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(format!("membership record: {e}")))?,
+            None => MembersRecord::default(),
+        };
+        self.members = rec
+            .members
+            .into_iter()
+            .map(|(id, r)| {
+                (
+                    id,
+                    Member {
+                        id,
+                        peer_addr: r.peer_addr,
+                        client_addr: r.client_addr,
+                        learner: r.learner,
+                    },
+                )
+            })
+            .collect();
+        self.removed = rec.removed;
+        self.leases.clear();
+        for kv in store.scan_prefix(cf::LEASES, b"")? {
+            let (k, v) = kv?;
+            let id = String::from_utf8(k.to_vec()).map_err(|_| StoreError::Corrupt("lease key is not UTF-8".into()))?;
+            let lease: Lease = serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(format!("lease {id}: {e}")))?;
+            self.leases.insert(id, lease);
+        }
+        Ok(())
+    }
+
+    /// The store cell (shared with readers).
+    pub fn store(&self) -> &StoreCell {
+        &self.store
+    }
+
+    /// The ledger state after the last applied entry.
+    pub fn state(&self) -> LedgerState {
+        self.state
+    }
+
+    /// Index and term of the last applied Raft entry.
+    pub fn applied(&self) -> (u64, u64) {
+        (self.applied_index, self.applied_term)
+    }
+
+    /// The applied conf state, as raft-rs encodes it (empty before the first).
+    pub fn conf_state_bytes(&self) -> &[u8] {
+        &self.conf_state
+    }
+
+    /// The members, as applied.
+    pub fn members(&self) -> &BTreeMap<u64, Member> {
+        &self.members
+    }
+
+    /// Ids removed from the cluster; their messages are refused.
+    pub fn removed(&self) -> &BTreeSet<u64> {
+        &self.removed
+    }
+
+    /// The cluster id recorded in this store.
+    pub fn cluster_id(&self) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .store
+            .get()
+            .get(cf::META, META_CLUSTER)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    fn applied_put(&self, index: u64, term: u64) -> Put {
+        let mut v = Vec::with_capacity(16);
+        v.extend_from_slice(&index.to_be_bytes());
+        v.extend_from_slice(&term.to_be_bytes());
+        Put::new(cf::META, META_APPLIED.to_vec(), v)
+    }
+
+    fn members_put(&self) -> Put {
+        let rec = MembersRecord {
+            members: self
+                .members
+                .iter()
+                .map(|(id, m)| {
+                    (
+                        *id,
+                        MemberRecord {
+                            peer_addr: m.peer_addr.clone(),
+                            client_addr: m.client_addr.clone(),
+                            learner: m.learner,
+                        },
+                    )
+                })
+                .collect(),
+            removed: self.removed.clone(),
+        };
+        // A map of plain strings serializes without fail.
+        Put::new(cf::META, META_MEMBERS.to_vec(), serde_json::to_vec(&rec).unwrap_or_default())
+    }
+
+    /// Initialises a brand-new store for a bootstrapped cluster: its id, the first members and
+    /// conf state, applied up to `index` (the bootstrap snapshot's index).
+    pub fn bootstrap(&mut self, cluster_id: &str, members: &[Member], conf_state: Vec<u8>, index: u64, term: u64) -> Result<(), StoreError> {
+        for m in members {
+            self.members.insert(m.id, m.clone());
+        }
+        self.conf_state = conf_state.clone();
+        let writes = vec![
+            Put::new(cf::META, META_CLUSTER.to_vec(), cluster_id.as_bytes().to_vec()),
+            Put::new(cf::META, META_CONF_STATE.to_vec(), conf_state),
+            self.members_put(),
+            self.applied_put(index, term),
+        ];
+        self.store.get().write(&writes, true)?;
+        self.applied_index = index;
+        self.applied_term = term;
+        Ok(())
+    }
+
+    /// Marks an entry that changes nothing (a leader's empty entry) as applied.
+    pub fn apply_empty(&mut self, index: u64, term: u64) -> Result<(), StoreError> {
+        self.store.get().write(&[self.applied_put(index, term)], false)?;
+        self.applied_index = index;
+        self.applied_term = term;
+        Ok(())
+    }
+
+    /// Records an applied membership change: the new conf state, and who was added (with
+    /// addresses) or removed.
+    pub fn apply_membership(&mut self, index: u64, term: u64, conf_state: Vec<u8>, added: Vec<Member>, removed: Vec<u64>) -> Result<(), StoreError> {
+        for m in added {
+            self.removed.remove(&m.id);
+            self.members.insert(m.id, m);
+        }
+        for id in removed {
+            self.members.remove(&id);
+            self.removed.insert(id);
+        }
+        self.conf_state = conf_state.clone();
+        let writes = vec![
+            Put::new(cf::META, META_CONF_STATE.to_vec(), conf_state),
+            self.members_put(),
+            self.applied_put(index, term),
+        ];
+        self.store.get().write(&writes, false)?;
+        self.applied_index = index;
+        self.applied_term = term;
+        Ok(())
+    }
+
+    /// Applies one committed normal entry's data.
+    pub fn apply(&mut self, index: u64, term: u64, data: &[u8]) -> Result<Applied, MachineError> {
+        let cmd = RaftCommand::decode(data).map_err(|e| MachineError::BadEntry {
+            index,
+            reason: e.to_string(),
+        })?;
+        let store = self.store.get();
+        let mut overlay = Overlay::new(store.as_ref());
+        let mut writes: Vec<Put> = Vec::new();
+        let mut state = self.state;
+        let outcome = match cmd.command {
+            Some(raft_command::Command::Append(AppendCommand { commit_time_ns, groups })) => {
+                let mut outcomes = Vec::with_capacity(groups.len());
+                for g in groups {
+                    outcomes.push(self.apply_group(&mut state, commit_time_ns, g.events, &mut overlay, &mut writes)?);
+                }
+                Applied::Append(outcomes)
+            }
+            Some(raft_command::Command::Lease(LeaseCommand {
+                proxy_id,
+                instance,
+                now_ns,
+                ttl_ns,
+                abandon_events,
+            })) => {
+                let previous = self.leases.get(&proxy_id).cloned();
+                let mut abandoned = 0;
+                // A new run of the proxy: the previous run's sessions are over.
+                if let Some(prev) = previous.filter(|p| p.instance != instance) {
+                    abandoned = self.apply_abandon(&mut state, now_ns, &proxy_id, &prev.instance, abandon_events, &mut overlay, &mut writes)?;
+                }
+                let lease = Lease {
+                    instance,
+                    expires_ns: now_ns.saturating_add(ttl_ns.max(0)),
+                    lapsed: false,
+                };
+                writes.push(lease_put(&proxy_id, &lease));
+                let expires_ns = lease.expires_ns;
+                self.leases.insert(proxy_id, lease);
+                Applied::Lease { expires_ns, abandoned }
+            }
+            Some(raft_command::Command::Abandon(AbandonCommand {
+                proxy_id,
+                instance,
+                now_ns,
+                lease_expires_ns,
+                events,
+            })) => match self.leases.get(&proxy_id).cloned() {
+                // Still the lease the leader saw lapse, and it really has lapsed by the
+                // command's time: close the sessions. A renewal in between cancels it.
+                Some(mut lease) if lease.instance == instance && lease.expires_ns == lease_expires_ns && now_ns >= lease.expires_ns && !lease.lapsed => {
+                    let n = self.apply_abandon(&mut state, now_ns, &proxy_id, &instance, events, &mut overlay, &mut writes)?;
+                    lease.lapsed = true;
+                    writes.push(lease_put(&proxy_id, &lease));
+                    self.leases.insert(proxy_id, lease);
+                    Applied::Abandoned(n)
+                }
+                _ => Applied::Nothing,
+            },
+            None => Applied::Nothing,
+        };
+        writes.push(self.applied_put(index, term));
+        store.write(&writes, false)?;
+        self.state = state;
+        self.applied_index = index;
+        self.applied_term = term;
+        Ok(outcome)
+    }
+
+    fn apply_group<L: Lookup>(
+        &self,
+        state: &mut LedgerState,
+        commit_time_ns: i64,
+        events: Vec<Bytes>,
+        overlay: &mut Overlay<'_, L>,
+        writes: &mut Vec<Put>,
+    ) -> Result<GroupOutcome, MachineError> {
+        let batch = AppendBatch { commit_time_ns, events };
+        match state.apply_append(&batch, self.max_event_bytes, overlay) {
+            Ok(a) => {
+                overlay.absorb(&a.writes);
+                writes.extend(a.writes);
+                *state = a.state;
+                Ok(Ok(a.results))
+            }
+            Err(e @ (ApplyError::InvalidEvent { .. } | ApplyError::Refused { .. })) => Ok(Err(e.to_string())),
+            Err(ApplyError::Store(e)) => Err(e.into()),
+        }
+    }
+
+    /// Appends the session-end events of `events` whose session is still open, belongs to
+    /// `instance` of `proxy_id`, and has not moved on since the leader built the event.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_abandon<L: Lookup>(
+        &self,
+        state: &mut LedgerState,
+        now_ns: i64,
+        proxy_id: &str,
+        instance: &str,
+        events: Vec<Bytes>,
+        overlay: &mut Overlay<'_, L>,
+        writes: &mut Vec<Put>,
+    ) -> Result<u32, MachineError> {
+        let mut keep = Vec::new();
+        for b in events {
+            let Ok(ev) = validate_event(&b, self.max_event_bytes) else { continue };
+            if ev.proxy_id != proxy_id || ev.proxy_instance != instance || ev.kind != EventKind::SessionEnd as i32 {
+                continue;
+            }
+            let Some(s) = overlay.session(&ev.session_id)? else { continue };
+            if s.status == "open" && s.proxy_instance == instance && s.last_seq + 1 == ev.seq {
+                keep.push(b);
+            }
+        }
+        if keep.is_empty() {
+            return Ok(0);
+        }
+        let n = keep.len() as u32;
+        match self.apply_group(state, now_ns, keep, overlay, writes)? {
+            Ok(_) => Ok(n),
+            Err(_) => Ok(0),
+        }
+    }
+
+    /// Leases that have lapsed by `now_ns` and still have open sessions, with the expiry
+    /// seen. (Leader side; the proposal is checked again on apply.)
+    pub fn lapsed_leases(&self, now_ns: i64) -> Vec<(String, Lease)> {
+        self.leases
+            .iter()
+            .filter(|(_, l)| !l.lapsed && l.expires_ns <= now_ns)
+            .map(|(p, l)| (p.clone(), l.clone()))
+            .collect()
+    }
+
+    /// The lease of `proxy_id`.
+    pub fn lease(&self, proxy_id: &str) -> Option<&Lease> {
+        self.leases.get(proxy_id)
+    }
+
+    /// Builds, once, the session-end events that close the open sessions of `proxy_id`
+    /// recorded by `instance` (or by any instance other than `except_instance`).
+    pub fn abandon_events(&self, proxy_id: &str, instance: Option<&str>, except_instance: Option<&str>, now_ns: i64, detail: &str) -> Result<Vec<Bytes>, StoreError> {
+        let store = self.store.get();
+        let prefix = open_sessions_prefix(proxy_id);
+        let mut out = Vec::new();
+        for kv in store.scan_prefix(cf::OPEN_SESSIONS, &prefix)? {
+            let (k, _) = kv?;
+            let session_id = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            let Some(s) = store_session(&store, &session_id)? else { continue };
+            if s.status != "open" || instance.is_some_and(|i| i != s.proxy_instance) || except_instance.is_some_and(|i| i == s.proxy_instance) {
+                continue;
+            }
+            let ev = Event {
+                proxy_id: proxy_id.to_string(),
+                session_id: session_id.clone(),
+                seq: s.last_seq + 1,
+                proxy_time_ns: now_ns,
+                kind: EventKind::SessionEnd as i32,
+                identity: Some(Identity {
+                    issuer: s.issuer.clone(),
+                    subject: s.subject.clone(),
+                    email: s.email.clone(),
+                    groups: s.groups.clone(),
+                    agent: s.agent.clone(),
+                    ..Default::default()
+                }),
+                resource: s.resource.clone(),
+                protocol: if s.protocol == "postgres" { Protocol::Postgres as i32 } else { Protocol::Unspecified as i32 },
+                client_addr: s.client_addr.clone(),
+                proxy_instance: s.proxy_instance.clone(),
+                body: Some(event::Body::SessionEnd(SessionEnd {
+                    reason: END_ABANDONED.into(),
+                    detail: detail.to_string(),
+                    // The session's record ends with a request: whatever answered it is lost.
+                    last_response_unrecorded: s.last_kind == EventKind::Request as i32,
+                })),
+            };
+            out.push(Bytes::from(ev.encode_to_vec()));
+        }
+        Ok(out)
+    }
+}
+
+fn store_session(store: &Store, id: &str) -> Result<Option<crate::state::SessionSummary>, StoreError> {
+    Lookup::session(store, id)
+}
+
+fn lease_put(proxy_id: &str, lease: &Lease) -> Put {
+    // A struct of a string and integers serializes without fail.
+    Put::new(cf::LEASES, proxy_id.as_bytes().to_vec(), serde_json::to_vec(lease).unwrap_or_default())
+}
+
+fn u64_at(v: &[u8], at: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&v[at..at + 8]);
+    u64::from_be_bytes(b)
+}
