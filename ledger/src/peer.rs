@@ -180,6 +180,10 @@ struct Inner {
     addrs: RwLock<HashMap<u64, String>>,
     /// Local overrides (e.g. a relay in tests, or NAT): used instead of the member address.
     overrides: HashMap<u64, String>,
+    /// Addresses peers announced in their hello, for nodes not (yet) in the membership.
+    learned: RwLock<HashMap<u64, String>>,
+    /// This node's own peer address, announced in its hellos.
+    advertise: String,
     senders: Mutex<HashMap<u64, mpsc::Sender<Message>>>,
     node: RwLock<Option<NodeHandle>>,
 }
@@ -192,7 +196,7 @@ pub struct PeerNet {
 
 impl PeerNet {
     /// A network for node `id`; `overrides` replace member addresses when dialling.
-    pub fn new(id: u64, cluster_id: &str, tls: PeerTls, layout: DataLayout, overrides: HashMap<u64, String>, rt: tokio::runtime::Handle) -> Self {
+    pub fn new(id: u64, cluster_id: &str, tls: PeerTls, layout: DataLayout, overrides: HashMap<u64, String>, advertise: String, rt: tokio::runtime::Handle) -> Self {
         Self {
             inner: Arc::new(Inner {
                 id,
@@ -202,6 +206,8 @@ impl PeerNet {
                 rt,
                 addrs: RwLock::default(),
                 overrides,
+                learned: RwLock::default(),
+                advertise,
                 senders: Mutex::default(),
                 node: RwLock::default(),
             }),
@@ -277,7 +283,8 @@ fn addr_of(inner: &Inner, id: u64) -> Option<String> {
         .overrides
         .get(&id)
         .cloned()
-        .or_else(|| inner.addrs.read().unwrap_or_else(|p| p.into_inner()).get(&id).cloned())
+        .or_else(|| inner.addrs.read().unwrap_or_else(|p| p.into_inner()).get(&id).cloned().filter(|a| !a.is_empty()))
+        .or_else(|| inner.learned.read().unwrap_or_else(|p| p.into_inner()).get(&id).cloned())
         .filter(|a| !a.is_empty())
 }
 
@@ -302,6 +309,7 @@ async fn dial(inner: &Inner, to: u64, purpose: peer_hello::Purpose, snapshot: &s
         to,
         purpose: purpose as i32,
         snapshot: snapshot.to_string(),
+        from_peer_addr: inner.advertise.clone(),
     };
     write_frame(&mut tls, &hello.encode_to_vec()).await?;
     tls.flush().await?;
@@ -433,6 +441,10 @@ async fn serve_conn(inner: Arc<Inner>, acceptor: tokio_rustls::TlsAcceptor, tcp:
     };
     if node.status().removed.contains(&hello.from) {
         return Err(refuse(&mut tls, format!("node {} was removed from this cluster", hello.from)).await);
+    }
+    if !hello.from_peer_addr.is_empty() && hello.from_peer_addr.len() <= 256 {
+        // Authenticated by the certificate check above: only ledger-<from> can claim it.
+        inner.learned.write().unwrap_or_else(|p| p.into_inner()).insert(hello.from, hello.from_peer_addr.clone());
     }
     write_frame(&mut tls, &PeerRefusal::default().encode_to_vec()).await?;
     tls.flush().await?;

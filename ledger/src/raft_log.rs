@@ -456,10 +456,13 @@ impl Storage for RaftLogStore {
         Ok(self.last())
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         let mut slot = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(s) = &slot.ready {
-            if s.get_metadata().index >= request_index {
+            let cs = s.get_metadata().get_conf_state();
+            // A node added after the snapshot was taken would ignore it: it is not in it.
+            let names_peer = cs.voters.contains(&to) || cs.learners.contains(&to);
+            if s.get_metadata().index >= request_index && names_peer {
                 return Ok(s.clone());
             }
         }

@@ -91,6 +91,14 @@ fn open_data(cfg: &LedgerConfig) -> anyhow::Result<(DataLayout, RaftLogStore, Le
             );
         }
     }
+    if machine.removed().contains(&c.id) {
+        bail!(
+            "node {} was removed from cluster {:?}; it must not rejoin with its old data. Delete {} and add it back under a new id with `custody-ledger member add`",
+            c.id,
+            c.name,
+            cfg.data_dir.display()
+        );
+    }
     let _ = layout.remove_stale();
     Ok((layout, log, machine))
 }
@@ -148,7 +156,7 @@ pub async fn run(cfg: LedgerConfig, shutdown: impl Future<Output = ()> + Send + 
                 .filter_map(|(k, v)| k.parse().ok().map(|id| (id, v.clone())))
                 .collect();
             let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the peer listener {addr}"))?;
-            Some((PeerNet::new(c.id, &c.name, tls, layout.clone(), overrides, tokio::runtime::Handle::current()), listener))
+            Some((PeerNet::new(c.id, &c.name, tls, layout.clone(), overrides, cfg.peer_addr(), tokio::runtime::Handle::current()), listener))
         }
         _ => None,
     };
@@ -225,12 +233,14 @@ pub async fn run(cfg: LedgerConfig, shutdown: impl Future<Output = ()> + Send + 
     );
 
     let mut stop_wait = stop_rx.clone();
+    let mut loop_ended = false;
     let exit = tokio::select! {
         _ = stop_wait.wait_for(|s| *s) => {
             info!("ledger shutting down");
             Exit::Stopped
         }
         r = &mut node_done => {
+            loop_ended = true;
             let _ = stop_tx.send(true);
             match r {
                 Ok(Ok(())) => Exit::Stopped,
@@ -250,7 +260,9 @@ pub async fn run(cfg: LedgerConfig, shutdown: impl Future<Output = ()> + Send + 
     let _ = http_task.await;
     let _ = handle.send(crate::node::Input::Stop);
     drop(handle);
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), node_done).await;
+    if !loop_ended {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), node_done).await;
+    }
     info!("ledger stopped");
     Ok(exit)
 }
