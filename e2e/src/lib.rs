@@ -34,9 +34,11 @@ pub fn bin(name: &str) -> PathBuf {
     if let Some(d) = std::env::var_os("CUSTODY_BIN_DIR") {
         return PathBuf::from(d).join(name);
     }
-    // Integration tests run from target/<profile>/deps; binaries sit in target/<profile>.
+    // Integration tests run from target/<profile>/deps, binaries (custody-jepsen,
+    // custody-bench) from target/<profile>; the others sit in target/<profile>.
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let here = exe.parent().expect("exe dir");
+    let dir = if here.ends_with("deps") { here.parent().expect("target dir") } else { here };
     let p = dir.join(name);
     assert!(p.exists(), "{} is not built; run `cargo build --workspace --bins` first", p.display());
     p
