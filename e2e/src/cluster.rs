@@ -266,18 +266,18 @@ impl LedgerCluster {
         Ok(())
     }
 
-    /// Starts node `id` empty with `state = "join"`, and adds it through the leader.
+    /// Starts node `id` empty with `state = "join"` through `custody-ledger join`, which asks
+    /// the cluster to add it and then serves it.
     pub fn add_node(&mut self, id: u64) -> anyhow::Result<()> {
         self.write_node(id, "join", &[])?;
-        self.restart(id)?;
-        let (grpc, _, peer) = self.ports[&id];
         let leader = self.wait_leader(Duration::from_secs(20))?;
-        let out = std::process::Command::new(bin("custody-ledger"))
-            .args(["member", "add", "--endpoint", &self.nodes[&leader].url(), "--id", &id.to_string(), "--peer-addr", &peer.to_string(), "--client-addr", &grpc.to_string()])
-            .output()?;
-        if !out.status.success() {
-            bail!("member add {id} failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
+        let via = self.nodes[&leader].url();
+        let node = self.nodes.get_mut(&id).context("no such node")?;
+        let mut cmd = std::process::Command::new(bin("custody-ledger"));
+        cmd.args(["join", "--config"]).arg(&node.config).args(["--via", &via]);
+        let mut p = Proc::spawn(&format!("ledger-{id}"), cmd, &self.dir)?;
+        wait_tcp(node.grpc, &format!("custody-ledger {id}"), &mut p)?;
+        node.proc = Some(p);
         Ok(())
     }
 

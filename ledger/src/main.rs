@@ -40,6 +40,21 @@ enum Cmd {
         #[arg(long)]
         http_listen: Option<std::net::SocketAddr>,
     },
+    /// Initialise an empty data directory as one of a new cluster's first members, then exit
+    /// (`serve` does the same on its first start with `cluster.state = "new"`).
+    Bootstrap {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Ask a running cluster to add this node (from its config), then serve it; it catches
+    /// up from the leader's snapshot. The config must say `cluster.state = "join"`.
+    Join {
+        #[arg(long)]
+        config: PathBuf,
+        /// Any member's gRPC address.
+        #[arg(long)]
+        via: String,
+    },
     /// Check a config file without starting anything.
     Check {
         #[arg(long)]
@@ -202,6 +217,38 @@ fn main() -> anyhow::Result<()> {
                     eprintln!("custody-ledger: this node was removed from the cluster; its data directory can be deleted");
                     std::process::exit(3);
                 }
+            }
+        }
+        Cmd::Bootstrap { config } => {
+            let cfg = LedgerConfig::load(&config)?;
+            if custody_ledger::server::bootstrap_data(&cfg)? {
+                println!("bootstrapped node {} of cluster {:?} in {}", cfg.cluster.id, cfg.cluster.name, cfg.data_dir.display());
+            } else {
+                println!("{} is already initialised; nothing to do", cfg.data_dir.display());
+            }
+            Ok(())
+        }
+        Cmd::Join { config, via } => {
+            let cfg = LedgerConfig::load(&config)?;
+            if cfg.cluster.state != custody_ledger::config::JoinState::Join {
+                bail!("{} must say cluster.state = \"join\"", config.display());
+            }
+            let member = Member { id: cfg.cluster.id, peer_addr: cfg.peer_addr(), client_addr: cfg.client_addr(), learner: false };
+            let known = rt.block_on(async {
+                let mut c = leader_client(&via).await?;
+                let st = c.status(StatusRequest {}).await.context("cluster status")?.into_inner();
+                if st.members.iter().any(|m| m.id == member.id) {
+                    return anyhow::Ok(true);
+                }
+                c.add_member(AddMemberRequest { member: Some(member.clone()) })
+                    .await
+                    .map_err(|s| anyhow::anyhow!("adding node {}: {}", member.id, s.message()))?;
+                Ok(false)
+            })?;
+            eprintln!("custody-ledger: node {} {} the cluster; serving", cfg.cluster.id, if known { "is already a member of" } else { "was added to" });
+            match rt.block_on(custody_ledger::server::run(cfg, shutdown_signal()))? {
+                Exit::Stopped => Ok(()),
+                Exit::Removed => std::process::exit(3),
             }
         }
         Cmd::Check { config } => {

@@ -13,7 +13,7 @@ use axum::routing::get;
 use custody_proto::pb::ledger::ledger_server::LedgerServer;
 use custody_proto::pb::ledger::Member;
 use tokio::net::TcpListener;
-use tracing::{error, info, warn};
+use tracing::{error, info, warn, Instrument};
 
 use crate::config::{JoinState, LedgerConfig};
 use crate::flight::LedgerFlight;
@@ -103,30 +103,58 @@ fn open_data(cfg: &LedgerConfig) -> anyhow::Result<(DataLayout, RaftLogStore, Le
     Ok((layout, log, machine))
 }
 
+/// Initialises an empty data directory as one of a new cluster's first members (what `serve`
+/// does on first start with `cluster.state = "new"`), without serving. Returns false if the
+/// directory was already initialised.
+pub fn bootstrap_data(cfg: &LedgerConfig) -> anyhow::Result<bool> {
+    cfg.check()?;
+    if cfg.cluster.state != JoinState::New {
+        bail!("cluster.state is \"join\": a joining node is initialised by the leader's snapshot, not bootstrapped");
+    }
+    let (_, log, mut machine) = open_data(cfg)?;
+    if log.is_initialized() {
+        return Ok(false);
+    }
+    initialise(cfg, &log, &mut machine)?;
+    log.flush()?;
+    Ok(true)
+}
+
+fn initialise(cfg: &LedgerConfig, log: &RaftLogStore, machine: &mut LedgerMachine) -> anyhow::Result<()> {
+    let c = &cfg.cluster;
+    match c.state {
+        JoinState::New => {
+            let members: Vec<Member> = if c.initial_members.is_empty() {
+                vec![Member { id: c.id, peer_addr: cfg.peer_addr(), client_addr: cfg.client_addr(), learner: false }]
+            } else {
+                c.initial_members
+                    .iter()
+                    .map(|m| Member { id: m.id, peer_addr: m.peer.clone(), client_addr: m.client.clone(), learner: false })
+                    .collect()
+            };
+            bootstrap(log, machine, &c.name, c.id, &members)?;
+            info!(cluster = %c.name, id = c.id, voters = ?members.iter().map(|m| m.id).collect::<Vec<_>>(), "bootstrapped a new cluster");
+        }
+        JoinState::Join => {
+            log.set_identity(&LogIdentity { cluster_id: c.name.clone(), node_id: c.id })?;
+            info!(cluster = %c.name, id = c.id, "waiting for the leader to add this node (`custody-ledger member add`)");
+        }
+    }
+    Ok(())
+}
+
 /// Serves until `shutdown` resolves or the node stops (fault, removal).
 pub async fn run(cfg: LedgerConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<Exit> {
+    let span = tracing::info_span!("ledger", node = %cfg.node_id, raft_id = cfg.cluster.id);
+    run_node(cfg, shutdown).instrument(span).await
+}
+
+async fn run_node(cfg: LedgerConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<Exit> {
     cfg.check()?;
     let c = cfg.cluster.clone();
     let (layout, log, mut machine) = open_data(&cfg)?;
     if !log.is_initialized() {
-        match c.state {
-            JoinState::New => {
-                let members: Vec<Member> = if c.initial_members.is_empty() {
-                    vec![Member { id: c.id, peer_addr: cfg.peer_addr(), client_addr: cfg.client_addr(), learner: false }]
-                } else {
-                    c.initial_members
-                        .iter()
-                        .map(|m| Member { id: m.id, peer_addr: m.peer.clone(), client_addr: m.client.clone(), learner: false })
-                        .collect()
-                };
-                bootstrap(&log, &mut machine, &c.name, c.id, &members)?;
-                info!(cluster = %c.name, id = c.id, voters = ?members.iter().map(|m| m.id).collect::<Vec<_>>(), "bootstrapped a new cluster");
-            }
-            JoinState::Join => {
-                log.set_identity(&LogIdentity { cluster_id: c.name.clone(), node_id: c.id })?;
-                info!(cluster = %c.name, id = c.id, "waiting for the leader to add this node (`custody-ledger member add`)");
-            }
-        }
+        initialise(&cfg, &log, &mut machine)?;
     } else if log.identity()?.is_none() {
         log.set_identity(&LogIdentity { cluster_id: c.name.clone(), node_id: c.id })?;
     }
@@ -268,9 +296,11 @@ pub async fn run(cfg: LedgerConfig, shutdown: impl Future<Output = ()> + Send + 
 }
 
 fn spawn_loop<T: Transport>(node: Node<T>, rx: std::sync::mpsc::Receiver<crate::node::Input>, done: tokio::sync::oneshot::Sender<Result<(), String>>) -> anyhow::Result<()> {
+    let span = tracing::Span::current();
     std::thread::Builder::new()
         .name("raft-ready".into())
         .spawn(move || {
+            let _entered = span.enter();
             let r = node.run(rx).map_err(|e| {
                 if !matches!(e, crate::node::NodeFault::Removed) {
                     error!(error = %e, "the ledger node stopped on a fault");
