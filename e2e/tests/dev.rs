@@ -8,15 +8,22 @@ use std::time::{Duration, Instant};
 
 use custody_e2e::*;
 
+/// One test, run in sequence: `custody dev` prefers fixed ports (7400, 7443, ...), so two of
+/// them started at once by parallel tests would race for the same ones.
 #[test]
-fn custody_dev_runs_the_main_job_and_stops_cleanly_on_ctrl_c() {
+fn custody_dev_runs_the_main_job_on_one_node_and_on_a_three_node_cluster_and_stops_on_ctrl_c() {
+    main_job(1);
+    main_job(3);
+}
+
+fn main_job(nodes: u64) {
     let scratch = tempfile::Builder::new().prefix("custody-dev-e2e-").tempdir().unwrap();
     // PostgreSQL runs as an unprivileged user when the test runs as root: it must reach here.
     std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let home = scratch.path().join("home");
     let data = scratch.path().join("state");
     let mut dev = Command::new(bin("custody"))
-        .args(["dev", "--data-dir"])
+        .args(["dev", "--nodes", &nodes.to_string(), "--data-dir"])
         .arg(&data)
         .env("CUSTODY_HOME", &home)
         .env("TMPDIR", scratch.path())
@@ -50,6 +57,14 @@ fn custody_dev_runs_the_main_job_and_stops_cleanly_on_ctrl_c() {
     }
     for needle in ["proxy (QUIC)", "grpc://127.0.0.1:", "DEVELOPMENT ONLY", "[dev-only]", "registered as resource demo-pg", "custody connect demo-pg --port 5433"] {
         assert!(printed.contains(needle), "custody dev should print {needle:?}:\n{printed}");
+    }
+    if nodes > 1 {
+        assert!(printed.contains(&format!("{nodes} Raft nodes")), "{printed}");
+        let endpoint = printed.split("--endpoint ").nth(1).and_then(|r| r.split_whitespace().next()).unwrap().to_string();
+        let out = Command::new(bin("custody-ledger")).args(["status", "--json", "--endpoint", &endpoint]).output().unwrap();
+        let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(st["members"].as_array().unwrap().len(), nodes as usize, "{st}");
+        assert!(st["leader_id"].as_u64().unwrap() > 0, "{st}");
     }
     let cache = home.join("token.json");
     assert_eq!(std::fs::metadata(&cache).unwrap().permissions().mode() & 0o777, 0o600, "token cached 0600");
@@ -88,7 +103,7 @@ fn custody_dev_runs_the_main_job_and_stops_cleanly_on_ctrl_c() {
     Command::new("kill").args(["-INT", &connect.id().to_string()]).status().unwrap();
     assert!(wait_exit(&mut connect, Duration::from_secs(10)).is_some_and(|s| s.success()), "custody connect stops cleanly on Ctrl-C");
     let children = child_pids(pid);
-    assert!(children.len() >= 3, "ledger, postgres and proxy run as children: {children:?}");
+    assert!(children.len() as u64 >= 2 + nodes, "ledger nodes, postgres and proxy run as children: {children:?}");
     Command::new("kill").args(["-INT", &pid.to_string()]).status().unwrap();
     assert!(wait_exit(&mut dev, Duration::from_secs(30)).is_some(), "custody dev stops on Ctrl-C");
     std::thread::sleep(Duration::from_millis(200));

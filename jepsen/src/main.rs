@@ -156,6 +156,9 @@ fn main() -> anyhow::Result<()> {
     let summary = serde_json::to_string_pretty(&report.summary)?;
     std::fs::write(out.join("summary.json"), &summary)?;
     println!("{summary}");
+    // Stop every process before exiting: `exit` would skip their kill-on-drop.
+    drop(proxy);
+    drop(cluster);
     if report.anomalies.is_empty() {
         eprintln!("jepsen: OK: no anomaly");
         Ok(())
