@@ -9,6 +9,9 @@
 //!
 //! all against the same PostgreSQL server. It also measures the proxy's memory per open
 //! session. Run it with `bench/run pg`, which builds in release mode first.
+//!
+//! `custody-bench ledger`: a 3-node custody ledger cluster against a 3-node etcd 3.4 cluster at
+//! the same concurrency, payload size and fsync durability (`bench/run ledger`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,6 +19,7 @@ use std::process::Command;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 
+mod ledger;
 mod pg;
 
 #[derive(Parser)]
@@ -29,6 +33,8 @@ struct Cli {
 enum Cmd {
     /// pgbench -S -M prepared: direct vs pgbouncer vs pgaudit vs custody.
     Pg(pg::Args),
+    /// Appends to a 3-node custody ledger vs puts to a 3-node etcd 3.4.
+    Ledger(ledger::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -40,6 +46,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Pg(a) => pg::run(a),
+        Cmd::Ledger(a) => ledger::run(a),
     }
 }
 

@@ -5,7 +5,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use custody_e2e::{free_port, pg_resource, wait_tcp, Ledger, Oidc, Postgres, Proc, Proxy, ProxyOptions, Tunnel};
+use custody_e2e::{free_port, http_get, pg_resource, wait_tcp, Ledger, Oidc, Postgres, Proc, Proxy, ProxyOptions, Tunnel};
 
 use crate::{machine, results_file, run_ok, write_section};
 
@@ -326,17 +326,6 @@ impl LedgerDelta {
             appends_per_tx: appends / tx,
         }
     }
-}
-
-/// A bare HTTP/1.0 GET on loopback; the bench needs nothing more.
-fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
-    Ok(body.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
 }
 
 fn rss_kib(pid: u32) -> anyhow::Result<u64> {
