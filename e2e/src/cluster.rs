@@ -281,6 +281,23 @@ impl LedgerCluster {
         Ok(())
     }
 
+    /// Adds node `id` to the membership with `custody-ledger member add`, without starting it
+    /// (an SRE's two-step join: add, then start the node with `cluster.state = "join"`).
+    /// `restart(id)` starts it later.
+    pub fn add_member_only(&mut self, id: u64) -> anyhow::Result<()> {
+        self.write_node(id, "join", &[])?;
+        let leader = self.wait_leader(Duration::from_secs(20))?;
+        let (grpc, _, peer) = self.ports[&id];
+        let out = std::process::Command::new(bin("custody-ledger"))
+            .args(["member", "add", "--endpoint", &self.nodes[&leader].url(), "--id", &id.to_string()])
+            .args(["--peer-addr", &peer.to_string(), "--client-addr", &grpc.to_string()])
+            .output()?;
+        if !out.status.success() {
+            bail!("member add {id} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
     /// Removes node `id` through the leader (its process then exits).
     pub fn remove_node(&mut self, id: u64) -> anyhow::Result<()> {
         let leader = self.wait_leader(Duration::from_secs(20))?;

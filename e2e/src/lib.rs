@@ -25,7 +25,22 @@ pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
 }
 
 /// The workspace root.
+///
+/// Found at run time, not baked in at build time: a target directory shared between two
+/// clones (CI reuses one) would otherwise send the tests to the other clone's files. It is
+/// `CUSTODY_REPO` if set, else the nearest directory above the working directory (cargo runs
+/// tests from their package's directory) that holds the workspace, else where this crate was
+/// built.
 pub fn repo() -> PathBuf {
+    if let Some(d) = std::env::var_os("CUSTODY_REPO") {
+        return PathBuf::from(d);
+    }
+    let is_root = |d: &Path| d.join("Cargo.toml").is_file() && d.join("e2e/oidc").is_dir();
+    if let Ok(cwd) = std::env::current_dir() {
+        if let Some(d) = cwd.ancestors().find(|d| is_root(d)) {
+            return d.to_path_buf();
+        }
+    }
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("e2e sits in the workspace").to_path_buf()
 }
 

@@ -306,3 +306,31 @@ fn a_node_removed_while_cut_off_is_refused_when_it_comes_back() {
     assert_eq!(c.status(leader).unwrap()["term"].as_u64().unwrap(), term_before, "the removed node caused no election");
     assert_eq!(c.status(leader).unwrap()["size"].as_u64().unwrap(), 30);
 }
+
+#[test]
+fn a_member_added_before_its_node_starts_joins_after_a_partition_heals() {
+    let dir = scratch("late-join");
+    let mut c = LedgerCluster::start(dir.path(), 3, ClusterOptions { relays: true, ..Default::default() }).unwrap();
+    let urls = c.urls();
+    append_n(&urls, "before", 0, 20);
+    // Replace node 3 by node 4, but start node 4 only much later: until then the cluster
+    // needs both of nodes 1 and 2.
+    let leader = c.wait_leader(Duration::from_secs(10)).unwrap();
+    let gone = if leader == 3 { 2 } else { 3 };
+    c.remove_node(gone).unwrap();
+    c.kill(gone);
+    c.nodes.remove(&gone);
+    c.add_member_only(4).unwrap();
+    let urls: Vec<String> = c.urls().into_iter().filter(|u| *u != c.nodes[&4].url()).collect();
+    append_n(&urls, "two-of-three", 0, 20);
+    // Cut the leader off, then heal: the two live voters must agree on a leader again.
+    let leader = c.wait_leader(Duration::from_secs(10)).unwrap();
+    c.partition(&[leader]);
+    std::thread::sleep(Duration::from_secs(4));
+    c.heal();
+    c.restart(4).unwrap();
+    c.wait_leader(Duration::from_secs(30)).unwrap();
+    append_n(&c.urls(), "after", 0, 20);
+    let (size, _) = c.wait_converged(Duration::from_secs(30)).unwrap();
+    assert_eq!(size, 60);
+}

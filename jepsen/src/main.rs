@@ -259,6 +259,17 @@ fn inject(fault: &str, c: &mut LedgerCluster, rng: &mut StdRng, next_id: &mut u6
 fn heal(c: &mut LedgerCluster) -> anyhow::Result<()> {
     c.heal();
     let ids: Vec<u64> = c.nodes.keys().copied().collect();
+    // A node that stopped by itself (not killed by a fault) is a finding, not something to
+    // restart and forget.
+    for id in &ids {
+        if let Some(p) = c.nodes.get_mut(id).and_then(|n| n.proc.as_mut()) {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                let log = std::fs::read_to_string(&p.log).unwrap_or_default();
+                let last: Vec<&str> = log.lines().filter(|l| l.contains("ERROR") || l.starts_with("Error")).collect();
+                anyhow::bail!("ledger node {id} stopped by itself during the campaign ({status}); its last errors:\n{}", last.join("\n"));
+            }
+        }
+    }
     for id in ids {
         c.signal(id, "CONT");
         if c.nodes[&id].proc.is_none() {

@@ -2,6 +2,7 @@
 //! offline.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
@@ -54,6 +55,10 @@ enum Cmd {
         /// Any member's gRPC address.
         #[arg(long)]
         via: String,
+        /// How long to keep retrying while the cluster has no leader or the outcome of the
+        /// request is unknown (a leader change during the request), in seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
     },
     /// Check a config file without starting anything.
     Check {
@@ -117,6 +122,9 @@ enum MemberCmd {
         /// Add it as a non-voting learner.
         #[arg(long)]
         learner: bool,
+        /// How long to keep retrying while there is no leader or the outcome is unknown (s).
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
     },
     /// Remove a node.
     Remove {
@@ -124,6 +132,9 @@ enum MemberCmd {
         endpoint: String,
         /// Raft id.
         id: u64,
+        /// How long to keep retrying while there is no leader or the outcome is unknown (s).
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
     },
     /// List members.
     List {
@@ -180,6 +191,70 @@ async fn leader_client(endpoint: &str) -> anyhow::Result<LedgerClient<tonic::tra
     client(&st.leader_addr).await
 }
 
+/// A membership change that `change_membership` carries through.
+enum MembershipEdit {
+    Add(Member),
+    Remove(u64),
+}
+
+impl MembershipEdit {
+    /// Whether `members` already reflect the change; an error if they conflict with it.
+    fn in_place(&self, members: &[Member]) -> Result<bool, String> {
+        match self {
+            MembershipEdit::Add(m) => match members.iter().find(|x| x.id == m.id) {
+                None => Ok(false),
+                Some(x) if x.peer_addr == m.peer_addr && x.learner == m.learner => Ok(true),
+                Some(x) => Err(format!(
+                    "node {} is already a member with peer address {} ({}); remove it first, or give the new node a new id",
+                    m.id,
+                    x.peer_addr,
+                    if x.learner { "learner" } else { "voter" }
+                )),
+            },
+            MembershipEdit::Remove(id) => Ok(!members.iter().any(|x| x.id == *id)),
+        }
+    }
+}
+
+/// Applies a membership change through the cluster's leader and returns whether it was
+/// already in place, with the members after it. While there is no leader, the leader moves,
+/// another change is in flight, or the outcome of a request is unknown, it looks at the
+/// members again and retries, until `timeout`: the change is idempotent, so retrying is safe.
+async fn change_membership(endpoint: &str, edit: &MembershipEdit, timeout: Duration) -> anyhow::Result<(bool, Vec<Member>)> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        let attempt: anyhow::Result<Result<(bool, Vec<Member>), tonic::Status>> = async {
+            let mut c = leader_client(endpoint).await?;
+            let st = c.status(StatusRequest {}).await.context("cluster status")?.into_inner();
+            match edit.in_place(&st.members) {
+                Ok(true) => return Ok(Ok((attempts == 1, st.members))),
+                Ok(false) => {}
+                Err(conflict) => return Ok(Err(tonic::Status::invalid_argument(conflict))),
+            }
+            let r = match edit {
+                MembershipEdit::Add(m) => c.add_member(AddMemberRequest { member: Some(m.clone()) }).await,
+                MembershipEdit::Remove(id) => c.remove_member(RemoveMemberRequest { id: *id }).await,
+            };
+            Ok(r.map(|r| (false, r.into_inner().members)))
+        }
+        .await;
+        let why = match attempt {
+            Ok(Ok(done)) => return Ok(done),
+            Ok(Err(s)) if s.code() == tonic::Code::InvalidArgument => bail!("{}", s.message()),
+            Ok(Err(s)) => s.message().to_string(),
+            // An unreachable node or cluster may come back before the deadline.
+            Err(e) => format!("{e:#}"),
+        };
+        if std::time::Instant::now() > deadline {
+            bail!("membership change not done after {attempts} attempts in {timeout:?}; last: {why}");
+        }
+        tracing::warn!(attempt = attempts, "membership change not done yet, retrying: {why}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 fn print_members(members: &[Member]) {
     println!("{:<6} {:<8} {:<28} CLIENT", "ID", "ROLE", "PEER");
     for m in members {
@@ -228,23 +303,13 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Join { config, via } => {
+        Cmd::Join { config, via, timeout } => {
             let cfg = LedgerConfig::load(&config)?;
             if cfg.cluster.state != custody_ledger::config::JoinState::Join {
                 bail!("{} must say cluster.state = \"join\"", config.display());
             }
             let member = Member { id: cfg.cluster.id, peer_addr: cfg.peer_addr(), client_addr: cfg.client_addr(), learner: false };
-            let known = rt.block_on(async {
-                let mut c = leader_client(&via).await?;
-                let st = c.status(StatusRequest {}).await.context("cluster status")?.into_inner();
-                if st.members.iter().any(|m| m.id == member.id) {
-                    return anyhow::Ok(true);
-                }
-                c.add_member(AddMemberRequest { member: Some(member.clone()) })
-                    .await
-                    .map_err(|s| anyhow::anyhow!("adding node {}: {}", member.id, s.message()))?;
-                Ok(false)
-            })?;
+            let (known, _) = rt.block_on(change_membership(&via, &MembershipEdit::Add(member), Duration::from_secs(timeout)))?;
             eprintln!("custody-ledger: node {} {} the cluster; serving", cfg.cluster.id, if known { "is already a member of" } else { "was added to" });
             match rt.block_on(custody_ledger::server::run(cfg, shutdown_signal()))? {
                 Exit::Stopped => Ok(()),
@@ -284,25 +349,16 @@ fn main() -> anyhow::Result<()> {
         }),
         Cmd::Member { cmd } => rt.block_on(async {
             match cmd {
-                MemberCmd::Add { endpoint, id, peer_addr, client_addr, learner } => {
-                    let r = leader_client(&endpoint)
-                        .await?
-                        .add_member(AddMemberRequest { member: Some(Member { id, peer_addr, client_addr, learner }) })
-                        .await
-                        .map_err(|s| anyhow::anyhow!("adding node {id}: {}", s.message()))?
-                        .into_inner();
-                    println!("added node {id}");
-                    print_members(&r.members);
+                MemberCmd::Add { endpoint, id, peer_addr, client_addr, learner, timeout } => {
+                    let m = Member { id, peer_addr, client_addr, learner };
+                    let (already, members) = change_membership(&endpoint, &MembershipEdit::Add(m), Duration::from_secs(timeout)).await?;
+                    println!("{} node {id}", if already { "already a member:" } else { "added" });
+                    print_members(&members);
                 }
-                MemberCmd::Remove { endpoint, id } => {
-                    let r = leader_client(&endpoint)
-                        .await?
-                        .remove_member(RemoveMemberRequest { id })
-                        .await
-                        .map_err(|s| anyhow::anyhow!("removing node {id}: {}", s.message()))?
-                        .into_inner();
-                    println!("removed node {id}");
-                    print_members(&r.members);
+                MemberCmd::Remove { endpoint, id, timeout } => {
+                    let (already, members) = change_membership(&endpoint, &MembershipEdit::Remove(id), Duration::from_secs(timeout)).await?;
+                    println!("{} node {id}", if already { "not a member:" } else { "removed" });
+                    print_members(&members);
                 }
                 MemberCmd::List { endpoint } => {
                     let st = client(&endpoint).await?.status(StatusRequest {}).await.context("ledger status")?.into_inner();

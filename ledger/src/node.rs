@@ -62,6 +62,9 @@ pub enum NodeError {
     /// The node's queue is full.
     #[error("ledger node is overloaded: its queue is full")]
     Overloaded,
+    /// Another membership change is still in flight; retry once it has been applied.
+    #[error("{0}")]
+    Busy(String),
     /// The node is stopping, or stopped after a fault.
     #[error("ledger node is not running")]
     ShuttingDown,
@@ -780,7 +783,7 @@ impl<T: Transport> Node<T> {
                 self.proposals.insert(id, Proposal { term: self.raw.raft.term, waiter: Waiter::Membership(reply) });
             }
             Err(e) => {
-                let _ = reply.send(Err(NodeError::Refused(format!("membership change refused: {e} (one change at a time)"))));
+                let _ = reply.send(Err(NodeError::Busy(format!("membership change refused: {e} (one change at a time; retry once the last one is applied)"))));
             }
         }
     }
@@ -1078,15 +1081,8 @@ impl<T: Transport> Node<T> {
         if !fetched.exists() {
             return Err(NodeFault::Snapshot(format!("snapshot {} was not fetched before it was stepped", desc.name)));
         }
-        {
-            // Check it before it replaces anything.
-            let s = Store::open(&fetched).map_err(|e| NodeFault::Snapshot(format!("fetched snapshot does not open: {e}")))?;
-            let cell = crate::machine::StoreCell::new(Arc::new(s));
-            let m = LedgerMachine::open(cell, self.opts.max_event_bytes).map_err(|e| NodeFault::Snapshot(format!("fetched snapshot is inconsistent: {e}")))?;
-            if m.applied().0 != meta.index {
-                return Err(NodeFault::Snapshot(format!("fetched snapshot holds index {}, the leader said {}", m.applied().0, meta.index)));
-            }
-        }
+        // The fetch checked it too; check again before it replaces anything.
+        check_checkpoint(&fetched, meta.index).map_err(NodeFault::Snapshot)?;
         let dir = self.layout.install(&fetched).map_err(|e| NodeFault::Snapshot(format!("installing: {e}")))?;
         let store = Arc::new(Store::open(&dir).map_err(|e| NodeFault::Snapshot(format!("opening installed snapshot: {e}")))?);
         let old = self.machine.store().get();
@@ -1163,4 +1159,16 @@ fn fail_waiter(w: Waiter, err: NodeError) {
         }
         Waiter::None => {}
     }
+}
+
+/// Checks that the RocksDB checkpoint in `dir` opens as a ledger and holds the state applied
+/// up to Raft index `index`.
+pub(crate) fn check_checkpoint(dir: &std::path::Path, index: u64) -> Result<(), String> {
+    let s = Store::open(dir).map_err(|e| format!("fetched snapshot does not open: {e}"))?;
+    let cell = crate::machine::StoreCell::new(Arc::new(s));
+    let m = LedgerMachine::open(cell, usize::MAX).map_err(|e| format!("fetched snapshot is inconsistent: {e}"))?;
+    if m.applied().0 != index {
+        return Err(format!("fetched snapshot holds index {}, the leader said {index}", m.applied().0));
+    }
+    Ok(())
 }

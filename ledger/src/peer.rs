@@ -11,7 +11,7 @@
 //! checkpoint files from the leader on a `FETCH_SNAPSHOT` connection before it hands the
 //! message to Raft, so the Ready loop installs a snapshot that is already on local disk.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -186,6 +186,9 @@ struct Inner {
     advertise: String,
     senders: Mutex<HashMap<u64, mpsc::Sender<Message>>>,
     node: RwLock<Option<NodeHandle>>,
+    /// Snapshots being fetched now. The leader may send the same snapshot message again
+    /// while its fetch runs; a second fetch into the same directory would corrupt the first.
+    fetching: Mutex<HashSet<String>>,
 }
 
 /// This node's side of the peer network.
@@ -210,6 +213,7 @@ impl PeerNet {
                 advertise,
                 senders: Mutex::default(),
                 node: RwLock::default(),
+                fetching: Mutex::default(),
             }),
         }
     }
@@ -463,17 +467,23 @@ async fn receive_raft(inner: &Arc<Inner>, node: &NodeHandle, from: u64, mut tls:
         }
         if m.get_msg_type() == MessageType::MsgSnapshot {
             let desc = SnapshotDescriptor::decode(&m.get_snapshot().data[..]).context("snapshot descriptor")?;
+            if !inner.fetching.lock().expect("fetching lock").insert(desc.name.clone()) {
+                debug!(snapshot = %desc.name, "already fetching this snapshot; dropped the repeated message");
+                continue;
+            }
             let inner = inner.clone();
             let node = node.clone();
             // Fetch off the read loop, then hand the message to Raft. On failure it is
             // dropped; the leader sends the snapshot again.
             tokio::spawn(async move {
-                match fetch_snapshot(&inner, &desc).await {
+                let index = m.get_snapshot().get_metadata().index;
+                match fetch_snapshot(&inner, &desc, index).await {
                     Ok(()) => {
                         let _ = node.send(Input::Raft(Box::new(m)));
                     }
                     Err(e) => warn!(leader = desc.leader_id, snapshot = %desc.name, error = %format!("{e:#}"), "fetching a snapshot failed"),
                 }
+                inner.fetching.lock().expect("fetching lock").remove(&desc.name);
             });
             continue;
         }
@@ -524,8 +534,10 @@ async fn serve_snapshot(inner: &Inner, name: &str, mut tls: TlsServer) -> anyhow
     Ok(())
 }
 
-/// Fetches the checkpoint `desc` names from its leader into `snapshots/in/<name>`.
-async fn fetch_snapshot(inner: &Inner, desc: &SnapshotDescriptor) -> anyhow::Result<()> {
+/// Fetches the checkpoint `desc` names from its leader into `snapshots/in/<name>`, and checks
+/// that it opens and holds the state at `index` before Raft hears of it: once Raft has
+/// stepped a snapshot message, a snapshot that cannot be installed stops the node.
+async fn fetch_snapshot(inner: &Inner, desc: &SnapshotDescriptor, index: u64) -> anyhow::Result<()> {
     if desc.cluster_id != inner.cluster_id {
         bail!("snapshot from cluster {:?}, this node is in {:?}", desc.cluster_id, inner.cluster_id);
     }
@@ -578,6 +590,11 @@ async fn fetch_snapshot(inner: &Inner, desc: &SnapshotDescriptor) -> anyhow::Res
         }
     }
     std::fs::File::open(&tmp)?.sync_all()?;
+    let check = tmp.clone();
+    tokio::task::spawn_blocking(move || crate::node::check_checkpoint(&check, index))
+        .await
+        .context("checking the fetched snapshot")?
+        .map_err(|e| anyhow!("the fetched snapshot is unusable: {e}"))?;
     tokio::fs::rename(&tmp, &done).await?;
     info!(snapshot = %desc.name, files = desc.files.len(), bytes = expected.values().sum::<u64>(), "fetched a snapshot from the leader");
     Ok(())

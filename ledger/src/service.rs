@@ -64,7 +64,7 @@ pub fn status_of(e: NodeError) -> Status {
             }
             s
         }
-        NodeError::Unknown(_) | NodeError::ShuttingDown => Status::unavailable(e.to_string()),
+        NodeError::Unknown(_) | NodeError::ShuttingDown | NodeError::Busy(_) => Status::unavailable(e.to_string()),
         NodeError::Refused(_) => Status::invalid_argument(e.to_string()),
         NodeError::Overloaded => Status::resource_exhausted(e.to_string()),
         NodeError::Timeout(_) => Status::deadline_exceeded(e.to_string()),
