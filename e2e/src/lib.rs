@@ -61,12 +61,45 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    pick_port(|p| TcpListener::bind(("127.0.0.1", p)).is_ok())
 }
 
 /// A free UDP port on loopback.
 pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    pick_port(|p| UdpSocket::bind(("127.0.0.1", p)).is_ok())
+}
+
+/// Picks a port that `free` says is free now, below the kernel's ephemeral range, and never
+/// the same one twice in this process.
+///
+/// A port that a test picks and then hands to a child process is free until the child
+/// binds it. Picked from the ephemeral range, the kernel could give it meanwhile to any
+/// outgoing connection or `bind(0)` (a relay, a client), and the child would fail to listen,
+/// or a readiness probe would reach the wrong listener. Below that range only explicit binds
+/// land, and this process hands each port out once.
+fn pick_port(free: impl Fn(u16) -> bool) -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|l| l.parse::<u32>().ok()))
+        .unwrap_or(32768);
+    const FLOOR: u32 = 10_000;
+    if low < FLOOR + 2_000 {
+        // No room below the ephemeral range: let the kernel choose.
+        return TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port");
+    }
+    let span = low - FLOOR;
+    // Spread concurrent test processes over the range.
+    let start = std::process::id().wrapping_mul(2_654_435_761) % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (FLOOR + (start + n) % span) as u16;
+        if free(port) {
+            return port;
+        }
+    }
+    panic!("no free port between {FLOOR} and {low}");
 }
 
 /// Waits until something listens on `addr`.

@@ -6,11 +6,15 @@
 //! - [`tunnel`]: the framed preamble that opens each client->proxy QUIC stream.
 //! - [`pg`]: a sans-IO PostgreSQL v3 frame codec with explicit length limits.
 //! - [`entry`]: the ledger's canonical entry envelope and its hash chain.
+//! - [`merkle`]: the RFC 6962 Merkle tree over entries, with inclusion and consistency proofs.
+//! - [`note`]: C2SP signed notes and tlog checkpoints, signed and verified with ed25519.
 //!
 //! **Architecture Invariant:** nothing in this crate performs I/O or reads a clock, so every
 //! decoder can be fuzzed directly (see `fuzz/`).
 
 pub mod entry;
+pub mod merkle;
+pub mod note;
 pub mod pg;
 pub mod reader;
 pub mod tunnel;
