@@ -104,3 +104,26 @@ pub fn entry(data: &[u8]) {
         }
     }
 }
+
+/// What an independent verifier reads: a signed note, its checkpoint body, a verifier key,
+/// and proof hashes; each parsed and checked, never trusted.
+pub fn note(data: &[u8]) {
+    use custody_proto::merkle;
+    use custody_proto::note::{Checkpoint, SignedNote, VerifierKey};
+    let Ok(input) = std::str::from_utf8(data) else { return };
+    // Verifier keys, one per line, then NUL, then the note.
+    let (keys, text) = input.split_once('\0').unwrap_or(("", input));
+    let keys: Vec<VerifierKey> = keys.lines().filter_map(|l| VerifierKey::parse(l).ok()).collect();
+    if let Ok(n) = SignedNote::parse(text) {
+        let _ = n.verify(&keys);
+        let _ = n.encode();
+        if let Ok(cp) = Checkpoint::parse(&n.text) {
+            // Proof hashes taken from the input, checked against the checkpoint.
+            let hashes: Vec<merkle::Hash> = data.chunks_exact(32).take(70).map(|c| c.try_into().unwrap_or([0; 32])).collect();
+            let index = data.first().copied().unwrap_or(0) as u64;
+            let _ = merkle::verify_inclusion(index, cp.size, &merkle::leaf_hash(data), &hashes, &cp.root);
+            let _ = merkle::verify_consistency(index, cp.size, &hashes.first().copied().unwrap_or([0; 32]), &cp.root, &hashes);
+        }
+    }
+    let _ = Checkpoint::parse(text);
+}

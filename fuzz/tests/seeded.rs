@@ -197,3 +197,13 @@ fn entry_never_panics() {
     seed.extend(custody_proto::entry::Entry::encode(1, 1_700_000_000_000_000_001, &prev, b"next"));
     run("entry", &seed, custody_fuzz::entry);
 }
+
+#[test]
+fn note_never_panics() {
+    use custody_proto::note::{Checkpoint, NoteSigner, SignedNote};
+    let s = NoteSigner::new("custody.test/ledger-1", ed25519_dalek::SigningKey::from_bytes(&[3u8; 32])).unwrap();
+    let text = Checkpoint { origin: "custody.test/ledger".into(), size: 42, root: [5u8; 32], extensions: vec![] }.to_text();
+    let note = SignedNote { text: text.clone(), signatures: vec![s.sign(&text)] }.encode();
+    let seed = format!("{}\n\0{note}", s.verifier());
+    run("note", seed.as_bytes(), custody_fuzz::note);
+}
