@@ -107,12 +107,36 @@ enum Cmd {
         #[arg(long)]
         flight: Option<String>,
     },
-    /// Check the ledger's hash chain end to end and report the first bad index.
+    /// Check the ledger's hash chain and Merkle root end to end and report the first bad index.
     Verify {
         /// Ledger Flight URL (default from config).
         #[arg(long)]
         flight: Option<String>,
     },
+    /// Print a Merkle proof from the ledger, one base64 hash per line, after checking it.
+    Proof {
+        #[command(subcommand)]
+        kind: ProofKind,
+        /// Print JSON: the proof with the sizes, roots and (for inclusion) the entry's
+        /// canonical bytes, so that another verifier can check it with no custody code.
+        #[arg(long, global = true)]
+        json: bool,
+        /// Ledger Flight URL (default from config).
+        #[arg(long, global = true)]
+        flight: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProofKind {
+    /// That entry INDEX is in the tree of size N (default: the ledger's size).
+    Inclusion {
+        index: u64,
+        #[arg(long)]
+        size: Option<u64>,
+    },
+    /// That the tree of size N extends the tree of size M.
+    Consistency { first: u64, second: Option<u64> },
 }
 
 fn flight_url(cfg: &ClientConfig, flag: Option<String>) -> anyhow::Result<String> {
@@ -200,6 +224,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Verify { flight } => {
             let url = flight_url(&cfg, flight)?;
             custody::query::verify(&url).await
+        }
+        Cmd::Proof { kind, json, flight } => {
+            let url = flight_url(&cfg, flight)?;
+            let p = match kind {
+                ProofKind::Inclusion { index, size } => custody::query::inclusion_proof(&url, index, size).await?,
+                ProofKind::Consistency { first, second } => custody::query::consistency_proof(&url, first, second).await?,
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&p)?);
+            } else {
+                for h in p["proof"].as_array().into_iter().flatten() {
+                    println!("{}", h.as_str().unwrap_or_default());
+                }
+            }
+            Ok(())
         }
     }
 }

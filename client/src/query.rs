@@ -7,7 +7,10 @@ use anyhow::{anyhow, bail, Context};
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::UInt64Type;
 use arrow_flight::{FlightClient, Ticket};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
 use custody_proto::entry::{hex, ChainVerifier};
+use custody_proto::merkle;
 use futures::TryStreamExt;
 use serde_json::{json, Map, Value};
 
@@ -209,25 +212,69 @@ pub async fn sessions(url: &str, f: &Filters, format: Format) -> anyhow::Result<
     print(&batches, format, Some(&cols[..]))
 }
 
-/// `custody verify`: pulls every entry and checks indices and the hash chain, then compares
-/// the head with what the ledger reports.
-pub async fn verify(url: &str) -> anyhow::Result<()> {
+/// Runs the Flight action `name` with a JSON body and returns its JSON answer.
+pub async fn action(url: &str, name: &str, body: &Value) -> anyhow::Result<Value> {
     let mut c = client(url).await?;
-    let status: Value = {
-        let mut s = c
-            .do_action(arrow_flight::Action::new("status", ""))
-            .await
-            .map_err(|e| anyhow!("ledger status: {e}"))?;
-        let b = s
-            .try_next()
-            .await
-            .map_err(|e| anyhow!("ledger status: {e}"))?
-            .context("ledger returned no status")?;
-        serde_json::from_slice(&b)?
-    };
+    let mut s = c
+        .do_action(arrow_flight::Action::new(name.to_string(), body.to_string()))
+        .await
+        .map_err(|e| anyhow!("ledger {name}: {}", flight_message(&e)))?;
+    let b = s
+        .try_next()
+        .await
+        .map_err(|e| anyhow!("ledger {name}: {}", flight_message(&e)))?
+        .with_context(|| format!("the ledger returned no answer to {name}"))?;
+    serde_json::from_slice(&b).with_context(|| format!("the ledger's answer to {name} is not JSON"))
+}
+
+fn flight_message(e: &arrow_flight::error::FlightError) -> String {
+    match e {
+        arrow_flight::error::FlightError::Tonic(s) => s.message().to_string(),
+        other => other.to_string(),
+    }
+}
+
+fn b64_hash(v: &Value, what: &str) -> anyhow::Result<merkle::Hash> {
+    let s = v.as_str().with_context(|| format!("{what} is missing"))?;
+    B64.decode(s).ok().and_then(|b| b.try_into().ok()).with_context(|| format!("{what} is not a base64 SHA-256 hash"))
+}
+
+fn b64_hashes(v: &Value) -> anyhow::Result<Vec<merkle::Hash>> {
+    v.as_array().context("proof is missing")?.iter().enumerate().map(|(i, h)| b64_hash(h, &format!("proof hash {i}"))).collect()
+}
+
+/// The inclusion proof of entry `index` in the tree of `size` (default: the ledger's),
+/// checked here before it is returned: the entry hashes to the leaf, and the proof leads
+/// from the leaf to the root the ledger gave.
+pub async fn inclusion_proof(url: &str, index: u64, size: Option<u64>) -> anyhow::Result<Value> {
+    let p = action(url, "inclusion_proof", &json!({"index": index, "size": size})).await?;
+    let entry = B64.decode(p["entry"].as_str().context("entry is missing")?).context("entry is not base64")?;
+    let leaf = merkle::leaf_hash(&entry);
+    anyhow::ensure!(leaf == b64_hash(&p["leaf_hash"], "leaf_hash")?, "index {index}: the entry does not hash to the leaf hash the ledger gave");
+    let size = p["size"].as_u64().context("size is missing")?;
+    merkle::verify_inclusion(index, size, &leaf, &b64_hashes(&p["proof"])?, &b64_hash(&p["root"], "root")?)
+        .map_err(|e| anyhow!("index {index}: the inclusion proof does not verify: {e}"))?;
+    Ok(p)
+}
+
+/// The consistency proof between sizes `first` and `second` (default: the ledger's size),
+/// checked here before it is returned.
+pub async fn consistency_proof(url: &str, first: u64, second: Option<u64>) -> anyhow::Result<Value> {
+    let p = action(url, "consistency_proof", &json!({"first": first, "second": second})).await?;
+    let second = p["second"].as_u64().context("second is missing")?;
+    merkle::verify_consistency(first, second, &b64_hash(&p["first_root"], "first_root")?, &b64_hash(&p["second_root"], "second_root")?, &b64_hashes(&p["proof"])?)
+        .map_err(|e| anyhow!("sizes {first} to {second}: the consistency proof does not verify: {e}"))?;
+    Ok(p)
+}
+
+/// `custody verify`: pulls every entry and checks indices and the hash chain, then compares
+/// the head and the Merkle root with what the ledger reports.
+pub async fn verify(url: &str) -> anyhow::Result<()> {
+    let status = action(url, "status", &json!({})).await?;
     let size = status["size"].as_u64().unwrap_or(0);
     let batches = fetch(url, &json!({"table": "entries"})).await?;
     let mut v = ChainVerifier::new();
+    let mut tree = merkle::MemoryTree::new();
     for b in &batches {
         let idx = b.column(0).as_primitive::<UInt64Type>();
         let entries = b.column(1).as_binary::<i32>();
@@ -243,6 +290,7 @@ pub async fn verify(url: &str) -> anyhow::Result<()> {
                 bail!("index {index}: entry has no bytes");
             }
             v.push(entries.value(i)).map_err(|e| anyhow!("{e}"))?;
+            tree.push(merkle::leaf_hash(entries.value(i)));
         }
     }
     if v.next_index() != size {
@@ -256,6 +304,10 @@ pub async fn verify(url: &str) -> anyhow::Result<()> {
     if size > 0 && status["head_hash"].as_str() != Some(head.as_str()) {
         bail!("chain head mismatch: ledger reports {}, entries hash to {head}", status["head_hash"]);
     }
-    println!("ok: {size} entries verified; chain head {head}");
+    let root = tree.root();
+    if status["tree_root"].is_string() && b64_hash(&status["tree_root"], "tree_root")? != root {
+        bail!("merkle root mismatch at size {size}: the ledger reports {}, its entries give {}", status["tree_root"], B64.encode(root));
+    }
+    println!("ok: {size} entries verified; chain head {head}; merkle root {}", B64.encode(root));
     Ok(())
 }

@@ -363,7 +363,9 @@ impl LedgerCluster {
             let mut seen = Vec::new();
             for id in self.running() {
                 if let Ok(s) = self.status(id) {
-                    seen.push((s["size"].as_u64().unwrap_or(0), s["head_hash"].as_str().unwrap_or("").to_string(), s["commit_index"].as_u64(), s["applied_index"].as_u64()));
+                    // The chain head and the Merkle root both, so replicas agree on the tree too.
+                    let head = format!("{} {}", s["head_hash"].as_str().unwrap_or(""), s["tree_root"].as_str().unwrap_or("no tree root"));
+                    seen.push((s["size"].as_u64().unwrap_or(0), head, s["commit_index"].as_u64(), s["applied_index"].as_u64()));
                 }
             }
             if seen.len() == self.running().len() && !seen.is_empty() && seen.iter().all(|s| s.0 == seen[0].0 && s.1 == seen[0].1 && s.2 == s.3) {

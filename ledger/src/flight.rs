@@ -1,6 +1,7 @@
 //! The ledger's Arrow Flight service: `do_get` streams the `events`, `sessions` and `entries`
 //! tables for a JSON ticket (see [`crate::table`]); `list_flights`, `get_flight_info` and
-//! `get_schema` describe them.
+//! `get_schema` describe them. `do_action` serves `status`, and the Merkle tree's
+//! `inclusion_proof` and `consistency_proof` (hashes in standard base64).
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -24,7 +25,10 @@ use tracing::{info, warn};
 use crate::machine::StoreCell;
 use crate::node::NodeHandle;
 use crate::scan::{scan, ScanError};
-use crate::state::LedgerState;
+use crate::state::{LedgerState, StoredTree};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use custody_proto::merkle;
 use crate::table::{entries_schema, events_schema, sessions_schema, Table, TicketQuery};
 
 /// How long a linearizable read waits for the leader to confirm the commit index.
@@ -67,10 +71,66 @@ impl LedgerFlight {
         }
     }
 
+    /// The size a proof is asked at: given, at most the ledger's, and defaulting to it.
+    fn proof_size(&self, v: &serde_json::Value, field: &str, ledger: u64) -> Result<u64, Status> {
+        match &v[field] {
+            serde_json::Value::Null => Ok(ledger),
+            n => match n.as_u64() {
+                Some(n) if n <= ledger => Ok(n),
+                Some(n) => Err(Status::out_of_range(format!("{field} {n} is beyond the ledger's size {ledger}"))),
+                None => Err(Status::invalid_argument(format!("{field} must be a non-negative integer"))),
+            },
+        }
+    }
+
+    fn inclusion(&self, req: &serde_json::Value) -> Result<serde_json::Value, Status> {
+        let store = self.store.get();
+        let ledger = self.ledger_state()?.next_index;
+        let size = self.proof_size(req, "size", ledger)?;
+        let index = req["index"].as_u64().ok_or_else(|| Status::invalid_argument("index must be a non-negative integer"))?;
+        let tree = StoredTree(store.as_ref());
+        let proof = merkle::inclusion_proof(&tree, index, size).map_err(tree_status)?;
+        let root = merkle::root(&tree, size).map_err(|e| Status::data_loss(e.to_string()))?;
+        let entry = store.entry(index).map_err(|e| Status::data_loss(e.to_string()))?.ok_or_else(|| Status::data_loss(format!("entry {index} is missing")))?;
+        Ok(serde_json::json!({
+            "index": index,
+            "size": size,
+            "root": B64.encode(root),
+            "leaf_hash": B64.encode(merkle::leaf_hash(&entry)),
+            "entry": B64.encode(&entry),
+            "proof": proof.iter().map(|h| B64.encode(h)).collect::<Vec<_>>(),
+        }))
+    }
+
+    fn consistency(&self, req: &serde_json::Value) -> Result<serde_json::Value, Status> {
+        let store = self.store.get();
+        let ledger = self.ledger_state()?.next_index;
+        let second = self.proof_size(req, "second", ledger)?;
+        let first = req["first"].as_u64().ok_or_else(|| Status::invalid_argument("first must be a non-negative integer"))?;
+        let tree = StoredTree(store.as_ref());
+        let proof = merkle::consistency_proof(&tree, first, second).map_err(tree_status)?;
+        let r = |n| merkle::root(&tree, n).map_err(|e| Status::data_loss(e.to_string()));
+        Ok(serde_json::json!({
+            "first": first,
+            "second": second,
+            "first_root": B64.encode(r(first.min(second))?),
+            "second_root": B64.encode(r(second)?),
+            "proof": proof.iter().map(|h| B64.encode(h)).collect::<Vec<_>>(),
+        }))
+    }
+
     fn ledger_state(&self) -> Result<LedgerState, Status> {
         LedgerState::recorded(&self.store.get())
             .map_err(|e| Status::internal(e.to_string()))
             .map(|s| s.unwrap_or_else(LedgerState::empty))
+    }
+}
+
+fn tree_status(e: merkle::TreeError<crate::store::StoreError>) -> Status {
+    match e {
+        merkle::TreeError::Range(m) => Status::out_of_range(m),
+        merkle::TreeError::Source(e) => Status::data_loss(e.to_string()),
+        other => Status::internal(other.to_string()),
     }
 }
 
@@ -254,6 +314,7 @@ impl FlightService for LedgerFlight {
                 let body = serde_json::json!({
                     "size": st.next_index,
                     "head_hash": hex::encode(st.head),
+                    "tree_root": B64.encode(merkle::root(&StoredTree(self.store.get().as_ref()), st.next_index).map_err(|e| Status::data_loss(e.to_string()))?),
                     "last_commit_ns": st.last_commit_ns,
                     "raft_id": node.id,
                     "role": node.role,
@@ -264,8 +325,16 @@ impl FlightService for LedgerFlight {
                 let r = arrow_flight::Result::new(body.to_string());
                 Ok(Response::new(Box::pin(stream::once(async { Ok(r) }))))
             }
+            "inclusion_proof" | "consistency_proof" => {
+                let req: serde_json::Value = serde_json::from_slice(&action.body)
+                    .map_err(|e| Status::invalid_argument(format!("the action body must be JSON: {e}")))?;
+                self.read_barrier(req["max_staleness_ms"].as_u64()).await?;
+                let body = if action.r#type == "inclusion_proof" { self.inclusion(&req)? } else { self.consistency(&req)? };
+                let r = arrow_flight::Result::new(body.to_string());
+                Ok(Response::new(Box::pin(stream::once(async { Ok(r) }))))
+            }
             other => Err(Status::invalid_argument(format!(
-                "unknown action {other:?}; actions: status"
+                "unknown action {other:?}; actions: status, inclusion_proof, consistency_proof"
             ))),
         }
     }
@@ -274,11 +343,13 @@ impl FlightService for LedgerFlight {
         &self,
         _request: Request<Empty>,
     ) -> Result<Response<Self::ListActionsStream>, Status> {
-        let a = ActionType {
-            r#type: "status".into(),
-            description: "ledger size and chain head as JSON".into(),
-        };
-        Ok(Response::new(Box::pin(stream::once(async { Ok(a) }))))
+        let actions = [
+            ("status", "ledger size, chain head and Merkle root as JSON"),
+            ("inclusion_proof", "{\"index\": I, \"size\": N}: the RFC 6962 inclusion proof of entry I in the tree of size N, with the entry's canonical bytes"),
+            ("consistency_proof", "{\"first\": M, \"second\": N}: the RFC 6962 consistency proof between the trees of sizes M and N"),
+        ]
+        .map(|(t, d)| Ok(ActionType { r#type: t.into(), description: d.into() }));
+        Ok(Response::new(Box::pin(stream::iter(actions))))
     }
 }
 

@@ -146,6 +146,12 @@ impl LedgerMachine {
     pub fn reload(&mut self) -> Result<(), StoreError> {
         let store = self.store.get();
         self.state = LedgerState::load(&store)?;
+        let tree = crate::state::stored_tree_size(&store, self.state.next_index)?;
+        if tree < self.state.next_index {
+            // A ledger written before the Merkle tree existed, or a backfill cut short.
+            tracing::info!(from = tree, to = self.state.next_index, "adding the Merkle tree over existing entries");
+            crate::state::backfill_tree(&store, tree, self.state.next_index, 10_000)?;
+        }
         (self.applied_index, self.applied_term) = match store.get(cf::META, META_APPLIED)? {
             Some(v) if v.len() == 16 => (u64_at(&v, 0), u64_at(&v, 8)),
             Some(_) => return Err(StoreError::Corrupt("applied-index record has the wrong size".into())),
@@ -185,6 +191,12 @@ impl LedgerMachine {
     /// The store cell (shared with readers).
     pub fn store(&self) -> &StoreCell {
         &self.store
+    }
+
+    /// The Merkle tree root over the first `size` entries (at most the ledger's size).
+    pub fn tree_root(&self, size: u64) -> Result<custody_proto::merkle::Hash, StoreError> {
+        let store = self.store.get();
+        custody_proto::merkle::root(&crate::state::StoredTree(store.as_ref()), size.min(self.state.next_index))
     }
 
     /// The ledger state after the last applied entry.

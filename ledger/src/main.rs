@@ -334,7 +334,7 @@ fn main() -> anyhow::Result<()> {
                     "node_id": st.node_id, "raft_id": st.raft_id, "cluster_id": st.cluster_id, "role": st.role,
                     "term": st.term, "leader_id": st.leader_id, "leader_addr": st.leader_addr,
                     "commit_index": st.commit_index, "applied_index": st.applied_index, "size": st.size,
-                    "head_hash": st.head_hash, "log_first_index": st.log_first_index, "log_last_index": st.log_last_index,
+                    "head_hash": st.head_hash, "tree_root": st.tree_root, "log_first_index": st.log_first_index, "log_last_index": st.log_last_index,
                     "members": st.members.iter().map(|m| serde_json::json!({"id": m.id, "peer_addr": m.peer_addr, "client_addr": m.client_addr, "learner": m.learner})).collect::<Vec<_>>(),
                 });
                 println!("{v}");
@@ -343,6 +343,7 @@ fn main() -> anyhow::Result<()> {
                 println!("role       {} (term {}); leader {}{}", st.role, st.term, st.leader_id, if st.leader_addr.is_empty() { String::new() } else { format!(" at {}", st.leader_addr) });
                 println!("indices    commit {} applied {}; raft log {}..={}", st.commit_index, st.applied_index, st.log_first_index, st.log_last_index);
                 println!("ledger     {} events, head {}", st.size, st.head_hash);
+                println!("merkle     root {} at size {}", st.tree_root, st.size);
                 print_members(&st.members);
             }
             Ok(())
@@ -391,7 +392,7 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("opening {} (is a ledger still running on it?)", state.display()))?;
             match verify_store(&store) {
                 Ok(r) => {
-                    println!("ok: {} entries verified, head {}", r.verified, r.head);
+                    println!("ok: {} entries verified, head {}, merkle root {}", r.verified, r.head, r.tree_root);
                     Ok(())
                 }
                 Err(e) => {

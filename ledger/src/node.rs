@@ -267,6 +267,8 @@ pub struct NodeStatus {
     pub removed: Vec<u64>,
     /// When this node last heard from a leader (or is the leader).
     pub leader_contact: Option<Instant>,
+    /// Merkle tree root at the ledger's size (`None` if it could not be read).
+    pub tree_root: Option<custody_proto::merkle::Hash>,
     /// Set when the node stopped on a fault.
     pub fault: Option<String>,
 }
@@ -388,6 +390,8 @@ pub struct Node<T: Transport> {
     ready_reads: VecDeque<(u64, Reply<u64>)>,
     role: StateRole,
     leader_contact: Option<Instant>,
+    /// The Merkle root last published, and the ledger size it is for.
+    root_cache: std::cell::Cell<(u64, custody_proto::merkle::Hash)>,
     next_lease_check: Instant,
     abandon_in_flight: HashMap<String, Instant>,
     retired: Vec<Arc<Store>>,
@@ -527,6 +531,7 @@ impl<T: Transport> Node<T> {
             ready_reads: VecDeque::new(),
             role: StateRole::Follower,
             leader_contact: None,
+            root_cache: std::cell::Cell::new((0, custody_proto::merkle::empty_root())),
             abandon_in_flight: HashMap::new(),
             retired: Vec::new(),
             removed_self: false,
@@ -1115,6 +1120,24 @@ impl<T: Transport> Node<T> {
         }
     }
 
+    fn tree_root(&self) -> Option<custody_proto::merkle::Hash> {
+        let size = self.machine.state().next_index;
+        let (cached, root) = self.root_cache.get();
+        if cached == size {
+            return Some(root);
+        }
+        match self.machine.tree_root(size) {
+            Ok(r) => {
+                self.root_cache.set((size, r));
+                Some(r)
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot read the Merkle root");
+                None
+            }
+        }
+    }
+
     fn publish(&self) {
         let st = self.raw.raft.prs().conf().to_conf_state();
         let status = NodeStatus {
@@ -1132,6 +1155,7 @@ impl<T: Transport> Node<T> {
             log_last: self.log.last(),
             removed: self.machine.removed().iter().copied().collect(),
             leader_contact: self.leader_contact,
+            tree_root: self.tree_root(),
             fault: None,
         };
         self.metrics.term.set(status.term as i64);

@@ -369,6 +369,7 @@ pub fn status_json(st: &NodeStatus) -> serde_json::Value {
         "applied_index": st.applied,
         "size": ledger.next_index,
         "head_hash": hex::encode(ledger.head),
+        "tree_root": st.tree_root.map(hex::encode),
         "voters": st.voters,
         "learners": st.learners,
         "members": st.members.iter().map(|m| serde_json::json!({"id": m.id, "peer_addr": m.peer_addr, "client_addr": m.client_addr, "learner": m.learner})).collect::<Vec<_>>(),

@@ -102,6 +102,7 @@ impl Ledger for LedgerService {
             node_id: self.node_name.to_string(),
             size: ledger.next_index,
             head_hash: hex::encode(ledger.head),
+            tree_root: st.tree_root.map(hex::encode).unwrap_or_default(),
             data_dir: self.data_dir.to_string(),
             raft_id: st.id,
             cluster_id: self.cluster_id.to_string(),

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use custody_proto::entry::{entry_hash, Entry, Hash, GENESIS};
+use custody_proto::merkle::{leaf_hash, nodes_completed_by, NodeSource};
 use custody_proto::pb::ledger::AppendResult;
 use custody_proto::pb::v1::{event, EventKind};
 use custody_proto::Event;
@@ -65,6 +66,33 @@ pub trait Lookup {
     fn session(&self, id: &str) -> Result<Option<SessionSummary>, StoreError>;
     /// The stored entry at `index`.
     fn entry_at(&self, index: u64) -> Result<Option<Vec<u8>>, StoreError>;
+    /// The stored Merkle node at `level` and `index`.
+    fn tree_node(&self, level: u8, index: u64) -> Result<Option<Hash>, StoreError>;
+}
+
+/// The key of a Merkle node in `cf::MERKLE`.
+pub fn tree_node_key(level: u8, index: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9);
+    k.push(level);
+    k.extend_from_slice(&index.to_be_bytes());
+    k
+}
+
+fn decode_node(level: u8, index: u64, v: &[u8]) -> Result<Hash, StoreError> {
+    v.try_into().map_err(|_| StoreError::Corrupt(format!("merkle node ({level}, {index}) is {} bytes, not 32", v.len())))
+}
+
+/// The stored Merkle tree as a [`NodeSource`]: a node that should exist and does not is
+/// corruption.
+pub struct StoredTree<'a, L: Lookup>(pub &'a L);
+
+impl<L: Lookup> NodeSource for StoredTree<'_, L> {
+    type Error = StoreError;
+    fn node(&self, level: u8, index: u64) -> Result<Hash, StoreError> {
+        self.0
+            .tree_node(level, index)?
+            .ok_or_else(|| StoreError::Corrupt(format!("merkle node (level {level}, index {index}) is missing")))
+    }
 }
 
 fn decode_summary(id: &str, v: &[u8]) -> Result<SessionSummary, StoreError> {
@@ -81,6 +109,9 @@ impl Lookup for Store {
     fn entry_at(&self, index: u64) -> Result<Option<Vec<u8>>, StoreError> {
         self.entry(index)
     }
+    fn tree_node(&self, level: u8, index: u64) -> Result<Option<Hash>, StoreError> {
+        self.get(cf::MERKLE, &tree_node_key(level, index))?.map(|v| decode_node(level, index, &v)).transpose()
+    }
 }
 
 /// A [`Lookup`] that sees, over a base, the writes of batches applied earlier in the same
@@ -91,6 +122,7 @@ pub struct Overlay<'a, L: Lookup> {
     idem: HashMap<Vec<u8>, u64>,
     sessions: HashMap<Vec<u8>, Vec<u8>>,
     entries: HashMap<u64, Vec<u8>>,
+    nodes: HashMap<Vec<u8>, Hash>,
 }
 
 impl<'a, L: Lookup> Overlay<'a, L> {
@@ -101,6 +133,7 @@ impl<'a, L: Lookup> Overlay<'a, L> {
             idem: HashMap::new(),
             sessions: HashMap::new(),
             entries: HashMap::new(),
+            nodes: HashMap::new(),
         }
     }
 
@@ -119,6 +152,11 @@ impl<'a, L: Lookup> Overlay<'a, L> {
                 cf::ENTRIES => {
                     if let Ok(i) = u64_key(&p.key) {
                         self.entries.insert(i, p.value.clone());
+                    }
+                }
+                cf::MERKLE => {
+                    if let Ok(h) = <Hash>::try_from(&p.value[..]) {
+                        self.nodes.insert(p.key.clone(), h);
                     }
                 }
                 _ => {}
@@ -146,6 +184,75 @@ impl<L: Lookup> Lookup for Overlay<'_, L> {
             None => self.base.entry_at(index),
         }
     }
+    fn tree_node(&self, level: u8, index: u64) -> Result<Option<Hash>, StoreError> {
+        match self.nodes.get(&tree_node_key(level, index)) {
+            Some(h) => Ok(Some(*h)),
+            None => self.base.tree_node(level, index),
+        }
+    }
+}
+
+/// Nodes written earlier in the same batch, over a [`Lookup`].
+struct PendingTree<'a, L: Lookup> {
+    base: &'a L,
+    nodes: &'a HashMap<(u8, u64), Hash>,
+}
+
+impl<L: Lookup> NodeSource for PendingTree<'_, L> {
+    type Error = StoreError;
+    fn node(&self, level: u8, index: u64) -> Result<Hash, StoreError> {
+        match self.nodes.get(&(level, index)) {
+            Some(h) => Ok(*h),
+            None => StoredTree(self.base).node(level, index),
+        }
+    }
+}
+
+/// The writes that add the leaf `entry` at `index` to the Merkle tree.
+fn tree_writes<L: Lookup>(lookup: &L, pending: &mut HashMap<(u8, u64), Hash>, index: u64, entry: &[u8], writes: &mut Vec<Put>) -> Result<(), StoreError> {
+    let nodes = nodes_completed_by(&PendingTree { base: lookup, nodes: pending }, index, leaf_hash(entry))?;
+    for (level, i, h) in nodes {
+        pending.insert((level, i), h);
+        writes.push(Put::new(cf::MERKLE, tree_node_key(level, i), h.to_vec()));
+    }
+    Ok(())
+}
+
+/// Adds the Merkle nodes of entries `from..to` (a ledger written before the tree existed),
+/// in writes of at most `chunk` entries. Returns how many entries it added.
+pub fn backfill_tree(store: &Store, from: u64, to: u64, chunk: u64) -> Result<u64, StoreError> {
+    let mut at = from;
+    while at < to {
+        let end = (at + chunk).min(to);
+        let mut writes = Vec::new();
+        let mut pending = HashMap::new();
+        for i in at..end {
+            let e = store.entry(i)?.ok_or_else(|| StoreError::Corrupt(format!("entry {i} is missing")))?;
+            tree_writes(store, &mut pending, i, &e, &mut writes)?;
+        }
+        store.write(&writes, true)?;
+        at = end;
+    }
+    Ok(to - from)
+}
+
+/// The size of the stored tree: the number of leaves it holds, found by probing the leaf
+/// level (O(log n) reads). Equals the ledger size unless the tree is behind (backfill).
+pub fn stored_tree_size(store: &Store, ledger_size: u64) -> Result<u64, StoreError> {
+    if ledger_size == 0 || store.tree_node(0, ledger_size - 1)?.is_some() {
+        return Ok(ledger_size);
+    }
+    // Leaves are written in order: binary search for the first missing one.
+    let (mut lo, mut hi) = (0u64, ledger_size - 1);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if store.tree_node(0, mid)?.is_some() {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(lo)
 }
 
 /// What the ledger knows about one session, maintained as its events are applied.
@@ -354,6 +461,7 @@ impl LedgerState {
         let mut results = Vec::with_capacity(batch.events.len());
         let mut seen: HashMap<Vec<u8>, u64> = HashMap::new();
         let mut sessions: HashMap<String, SessionSummary> = HashMap::new();
+        let mut tree: HashMap<(u8, u64), Hash> = HashMap::new();
 
         for (position, bytes) in batch.events.iter().enumerate() {
             let ev = validate_event(bytes, max_event_bytes)
@@ -409,6 +517,7 @@ impl LedgerState {
             state.head = entry_hash(&entry);
             state.next_index += 1;
             state.last_commit_ns = commit;
+            tree_writes(lookup, &mut tree, index, &entry, &mut writes)?;
             writes.push(Put::new(cf::ENTRIES, index.to_be_bytes().to_vec(), entry));
             writes.push(Put::new(cf::IDEM, key.clone(), index.to_be_bytes().to_vec()));
             writes.push(Put::new(cf::BY_SESSION, by_session_key(&ev.session_id, index), Vec::new()));
@@ -524,6 +633,7 @@ mod tests {
         idem: HashMap<Vec<u8>, u64>,
         sessions: HashMap<String, SessionSummary>,
         entries: Vec<Vec<u8>>,
+        nodes: HashMap<Vec<u8>, Hash>,
     }
 
     impl Lookup for Mem {
@@ -535,6 +645,9 @@ mod tests {
         }
         fn entry_at(&self, index: u64) -> Result<Option<Vec<u8>>, StoreError> {
             Ok(self.entries.get(index as usize).cloned())
+        }
+        fn tree_node(&self, level: u8, index: u64) -> Result<Option<Hash>, StoreError> {
+            Ok(self.nodes.get(&tree_node_key(level, index)).copied())
         }
     }
 
@@ -552,6 +665,9 @@ mod tests {
                         );
                     }
                     cf::ENTRIES => self.entries.push(p.value.clone()),
+                    cf::MERKLE => {
+                        self.nodes.insert(p.key.clone(), p.value[..].try_into().unwrap());
+                    }
                     _ => {}
                 }
             }
@@ -599,6 +715,35 @@ mod tests {
         }
         assert_eq!(v.head(), st.head);
         assert_eq!(mem.sessions["s"].statements, 15);
+    }
+
+    #[test]
+    fn the_stored_merkle_tree_covers_every_entry_and_gives_the_rfc_root() {
+        let mut mem = Mem::default();
+        let mut st = LedgerState::empty();
+        // Batches of uneven sizes, so that nodes complete inside and across batches.
+        for (b, n) in [1usize, 2, 5, 1, 8, 3, 13].into_iter().enumerate() {
+            let batch = AppendBatch { commit_time_ns: 10 + b as i64, events: (0..n).map(|i| ev(&format!("s{b}"), i as u64, "select 1")).collect() };
+            let a = st.apply_append(&batch, 1 << 20, &mem).unwrap();
+            mem.commit(&a);
+            st = a.state;
+            let mut reference = custody_proto::merkle::MemoryTree::new();
+            for e in &mem.entries {
+                reference.push(leaf_hash(e));
+            }
+            let stored = custody_proto::merkle::root(&StoredTree(&mem), st.next_index).unwrap();
+            assert_eq!(stored, reference.root(), "root after {} entries", st.next_index);
+            for i in 0..st.next_index {
+                let p = custody_proto::merkle::inclusion_proof(&StoredTree(&mem), i, st.next_index).unwrap();
+                custody_proto::merkle::verify_inclusion(i, st.next_index, &leaf_hash(&mem.entries[i as usize]), &p, &stored).unwrap();
+            }
+        }
+        // A retried batch adds no leaf.
+        let before = mem.nodes.len();
+        let again = st.apply_append(&AppendBatch { commit_time_ns: 99, events: vec![ev("s0", 0, "select 1")] }, 1 << 20, &mem).unwrap();
+        assert!(again.results[0].duplicate);
+        assert!(again.writes.iter().all(|w| w.cf != cf::MERKLE));
+        assert_eq!(mem.nodes.len(), before);
     }
 
     #[test]

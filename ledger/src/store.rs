@@ -27,8 +27,11 @@ pub mod cf {
     pub const OPEN_SESSIONS: &str = "open_sessions";
     /// proxy id -> lease (JSON).
     pub const LEASES: &str = "leases";
+    /// level (u8), index (u64 BE) -> SHA-256: the RFC 6962 Merkle tree over the entries,
+    /// as the hash of every complete subtree (see `custody_proto::merkle`).
+    pub const MERKLE: &str = "merkle";
     /// All of them.
-    pub const ALL: [&str; 7] = [ENTRIES, IDEM, SESSIONS, BY_SESSION, META, OPEN_SESSIONS, LEASES];
+    pub const ALL: [&str; 8] = [ENTRIES, IDEM, SESSIONS, BY_SESSION, META, OPEN_SESSIONS, LEASES, MERKLE];
 }
 
 /// A storage failure.

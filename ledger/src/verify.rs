@@ -3,7 +3,9 @@
 use custody_proto::entry::{hex, ChainError, ChainVerifier};
 use thiserror::Error;
 
-use crate::state::LedgerState;
+use custody_proto::merkle::{self, leaf_hash, MemoryTree};
+
+use crate::state::{stored_tree_size, LedgerState, StoredTree};
 use crate::store::{Store, StoreError};
 
 /// The result of a full walk.
@@ -13,6 +15,8 @@ pub struct VerifyReport {
     pub verified: u64,
     /// Hash of the last good entry.
     pub head: String,
+    /// Merkle tree root over the verified entries, recomputed from them.
+    pub tree_root: String,
 }
 
 /// Why verification failed.
@@ -38,6 +42,17 @@ pub enum VerifyError {
         /// Computed.
         computed: String,
     },
+    /// The stored Merkle tree does not match the entries (a node was changed, or entries
+    /// were changed and the chain rewritten to match).
+    #[error("merkle tree mismatch at size {size}: stored root {stored}, recomputed from the entries {computed}")]
+    TreeMismatch {
+        /// Tree size compared.
+        size: u64,
+        /// Root from the stored nodes.
+        stored: String,
+        /// Root recomputed from the entries.
+        computed: String,
+    },
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -59,6 +74,7 @@ pub fn verify_store(store: &Store) -> Result<VerifyReport, VerifyError> {
     // Read the recorded state without trusting it for the walk itself.
     let recorded = LedgerState::recorded(store)?.map(|s| (s.next_index, hex(&s.head)));
     let mut v = ChainVerifier::new();
+    let mut tree = MemoryTree::new();
     for r in store.entries_from(0)? {
         let (index, bytes) = r?;
         if index != v.next_index() {
@@ -68,6 +84,17 @@ pub fn verify_store(store: &Store) -> Result<VerifyReport, VerifyError> {
             });
         }
         v.push(&bytes)?;
+        tree.push(leaf_hash(&bytes));
+    }
+    // The stored tree must give the same root as the entries (it is what proofs are built
+    // from), at the size the stored tree reaches.
+    let stored_size = stored_tree_size(store, v.next_index())?;
+    if stored_size == v.next_index() && stored_size > 0 {
+        let stored = merkle::root(&StoredTree(store), stored_size)?;
+        let computed = tree.root();
+        if stored != computed {
+            return Err(VerifyError::TreeMismatch { size: stored_size, stored: hex(&stored), computed: hex(&computed) });
+        }
     }
     if let Some((size, head)) = recorded {
         if v.next_index() < size {
@@ -87,5 +114,6 @@ pub fn verify_store(store: &Store) -> Result<VerifyReport, VerifyError> {
     Ok(VerifyReport {
         verified: v.next_index(),
         head: hex(&v.head()),
+        tree_root: hex(&tree.root()),
     })
 }
