@@ -81,6 +81,10 @@ fn pgbench_statements_are_recorded_exactly_once_in_order_with_params_and_identit
     }
     let out = custody_cmd(&stack.dir.path().join("home"), None).args(["verify", "--flight", &stack.ledger.flight()]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // A third party with pyarrow and its own RFC 6962 code checks the root and the proofs.
+    let report = stack.python("verify_proofs.py", &[&stack.ledger.flight()]).unwrap();
+    let r: serde_json::Value = serde_json::from_str(report.trim()).unwrap();
+    assert!(r["proofs_checked"].as_u64().unwrap() >= 10 && r["size"].as_u64().unwrap() > 100, "{report}");
 }
 
 #[test]
