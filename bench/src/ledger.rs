@@ -234,6 +234,39 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         rows.push((c, cs, es, batch));
     }
 
+    // Proofs (issue 4): inclusion proofs served by a follower, each checked by the client
+    // as `custody proof` does; then `custody verify` over everything appended above.
+    let leader = cluster.wait_leader(Duration::from_secs(10))?;
+    let follower = cluster.running().into_iter().find(|id| *id != leader).context("a follower")?;
+    let flight = cluster.nodes[&follower].flight();
+    let total = cluster.status(leader)?["size"].as_u64().context("ledger size")?;
+    let proof_clients = 8usize;
+    let pool: Arc<Vec<tokio::sync::Mutex<arrow_flight::FlightClient>>> =
+        Arc::new((0..proof_clients).map(|_| rt.block_on(custody::query::client(&flight)).map(tokio::sync::Mutex::new)).collect::<Result<_, _>>()?);
+    let ps = load(&rt, proof_clients, a.seconds, move |ci, n| {
+        let pool = pool.clone();
+        // Spread over the whole log, so that the stored tree is read everywhere.
+        let index = (ci as u64 * 7_919 + n * 104_729) % total;
+        async move {
+            let mut c = pool[ci].lock().await;
+            custody::query::inclusion_proof_on(&mut c, index, Some(total)).await.is_ok()
+        }
+    });
+    let t = Instant::now();
+    let out = Command::new(custody_e2e::bin("custody")).args(["verify", "--flight", &flight]).env("HOME", d).output()?;
+    let verify_secs = t.elapsed().as_secs_f64();
+    if !out.status.success() {
+        anyhow::bail!("custody verify failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    eprintln!("bench: proofs {:.0}/s p50 {:.2} ms p99 {:.2} ms; custody verify {total} events in {verify_secs:.2} s", ps.rate(), ps.pct(0.5), ps.pct(0.99));
+    let mut p = String::new();
+    p.push_str("## Proofs and verification (issue 4)\n\n");
+    p.push_str(&format!("Command: `bench/run ledger --clients {} --seconds {} --event-bytes {}` (release build), on the cluster the ledger benchmark above filled.\n\n", a.clients.iter().map(usize::to_string).collect::<Vec<_>>().join(","), a.seconds, a.event_bytes));
+    p.push_str("| measure | result |\n|---|---:|\n");
+    p.push_str(&format!("| inclusion proofs served by a follower and checked by the client, {proof_clients} clients, tree of {total} | {:.0}/s (p50 {:.2} ms, p99 {:.2} ms, {} errors) |\n", ps.rate(), ps.pct(0.5), ps.pct(0.99), ps.errors));
+    p.push_str(&format!("| `custody verify`: pull {total} entries over Flight, check the chain, recompute the Merkle root | {:.0} events/s ({verify_secs:.2} s) |\n", total as f64 / verify_secs));
+    p.push_str("\nSealing into blocks is not built yet, so sealing on against off is not measured.\n");
+
     let mut s = String::new();
     let clients: Vec<String> = a.clients.iter().map(usize::to_string).collect();
     s.push_str("## Ledger: a 3-node custody cluster against a 3-node etcd cluster (issue 3)\n\n");
@@ -248,9 +281,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         s.push_str(&format!("| {c} | custody | {:.0} | {:.2} | {:.2} | {} | {:.2} | {batch:.1} |\n", cs.rate(), cs.pct(0.5), cs.pct(0.99), cs.errors, cs.rate() / es.rate()));
         s.push_str(&format!("| {c} | etcd | {:.0} | {:.2} | {:.2} | {} | | |\n", es.rate(), es.pct(0.5), es.pct(0.99), es.errors));
     }
-    println!("{s}");
+    println!("{s}\n{p}");
     if !a.no_write {
         write_section(&results_file(), "ledger", &s)?;
+        write_section(&results_file(), "proofs", &p)?;
         eprintln!("bench: wrote {}", results_file().display());
     }
     Ok(())

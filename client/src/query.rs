@@ -214,7 +214,11 @@ pub async fn sessions(url: &str, f: &Filters, format: Format) -> anyhow::Result<
 
 /// Runs the Flight action `name` with a JSON body and returns its JSON answer.
 pub async fn action(url: &str, name: &str, body: &Value) -> anyhow::Result<Value> {
-    let mut c = client(url).await?;
+    action_on(&mut client(url).await?, name, body).await
+}
+
+/// [`action`] on a client already connected.
+pub async fn action_on(c: &mut FlightClient, name: &str, body: &Value) -> anyhow::Result<Value> {
     let mut s = c
         .do_action(arrow_flight::Action::new(name.to_string(), body.to_string()))
         .await
@@ -247,7 +251,12 @@ fn b64_hashes(v: &Value) -> anyhow::Result<Vec<merkle::Hash>> {
 /// checked here before it is returned: the entry hashes to the leaf, and the proof leads
 /// from the leaf to the root the ledger gave.
 pub async fn inclusion_proof(url: &str, index: u64, size: Option<u64>) -> anyhow::Result<Value> {
-    let p = action(url, "inclusion_proof", &json!({"index": index, "size": size})).await?;
+    inclusion_proof_on(&mut client(url).await?, index, size).await
+}
+
+/// [`inclusion_proof`] on a client already connected.
+pub async fn inclusion_proof_on(c: &mut FlightClient, index: u64, size: Option<u64>) -> anyhow::Result<Value> {
+    let p = action_on(c, "inclusion_proof", &json!({"index": index, "size": size})).await?;
     let entry = B64.decode(p["entry"].as_str().context("entry is missing")?).context("entry is not base64")?;
     let leaf = merkle::leaf_hash(&entry);
     anyhow::ensure!(leaf == b64_hash(&p["leaf_hash"], "leaf_hash")?, "index {index}: the entry does not hash to the leaf hash the ledger gave");
