@@ -113,7 +113,8 @@ enum Cmd {
         #[arg(long)]
         flight: Option<String>,
     },
-    /// Print a Merkle proof from the ledger, one base64 hash per line, after checking it.
+    /// Print a Merkle proof from the ledger, one base64 hash per line, after checking it
+    /// against the root the ledger gives (compare that root with one you saved).
     Proof {
         #[command(subcommand)]
         kind: ProofKind,

@@ -256,11 +256,16 @@ pub async fn inclusion_proof(url: &str, index: u64, size: Option<u64>) -> anyhow
 
 /// [`inclusion_proof`] on a client already connected.
 pub async fn inclusion_proof_on(c: &mut FlightClient, index: u64, size: Option<u64>) -> anyhow::Result<Value> {
+    let size_asked = size;
     let p = action_on(c, "inclusion_proof", &json!({"index": index, "size": size})).await?;
     let entry = B64.decode(p["entry"].as_str().context("entry is missing")?).context("entry is not base64")?;
     let leaf = merkle::leaf_hash(&entry);
     anyhow::ensure!(leaf == b64_hash(&p["leaf_hash"], "leaf_hash")?, "index {index}: the entry does not hash to the leaf hash the ledger gave");
     let size = p["size"].as_u64().context("size is missing")?;
+    anyhow::ensure!(p["index"].as_u64() == Some(index), "the ledger answered for index {}, not {index}", p["index"]);
+    if let Some(want) = size_asked {
+        anyhow::ensure!(size == want, "the ledger answered for size {size}, not {want}");
+    }
     merkle::verify_inclusion(index, size, &leaf, &b64_hashes(&p["proof"])?, &b64_hash(&p["root"], "root")?)
         .map_err(|e| anyhow!("index {index}: the inclusion proof does not verify: {e}"))?;
     Ok(p)
@@ -270,7 +275,15 @@ pub async fn inclusion_proof_on(c: &mut FlightClient, index: u64, size: Option<u
 /// checked here before it is returned.
 pub async fn consistency_proof(url: &str, first: u64, second: Option<u64>) -> anyhow::Result<Value> {
     let p = action(url, "consistency_proof", &json!({"first": first, "second": second})).await?;
+    let asked = second;
     let second = p["second"].as_u64().context("second is missing")?;
+    anyhow::ensure!(p["first"].as_u64() == Some(first), "the ledger answered for first size {}, not {first}", p["first"]);
+    if let Some(want) = asked {
+        anyhow::ensure!(second == want, "the ledger answered for size {second}, not {want}");
+    }
+    if first == 0 {
+        anyhow::ensure!(b64_hash(&p["first_root"], "first_root")? == merkle::empty_root(), "the root of the empty tree is SHA-256 of nothing");
+    }
     merkle::verify_consistency(first, second, &b64_hash(&p["first_root"], "first_root")?, &b64_hash(&p["second_root"], "second_root")?, &b64_hashes(&p["proof"])?)
         .map_err(|e| anyhow!("sizes {first} to {second}: the consistency proof does not verify: {e}"))?;
     Ok(p)
@@ -281,12 +294,17 @@ pub async fn consistency_proof(url: &str, first: u64, second: Option<u64>) -> an
 pub async fn verify(url: &str) -> anyhow::Result<()> {
     let status = action(url, "status", &json!({})).await?;
     let size = status["size"].as_u64().unwrap_or(0);
-    let batches = fetch(url, &json!({"table": "entries"})).await?;
+    // Only the entries the status covers: appends may go on during the pull.
+    let batches = if size == 0 { Vec::new() } else { fetch(url, &json!({"table": "entries", "limit": size})).await? };
     let mut v = ChainVerifier::new();
     let mut tree = merkle::MemoryTree::new();
     for b in &batches {
-        let idx = b.column(0).as_primitive::<UInt64Type>();
-        let entries = b.column(1).as_binary::<i32>();
+        let (Some(idx), Some(entries)) = (
+            b.column_by_name("index").and_then(|c| c.as_primitive_opt::<UInt64Type>()),
+            b.column_by_name("entry").and_then(|c| c.as_binary_opt::<i32>()),
+        ) else {
+            bail!("the ledger's entries table does not have the expected (index u64, entry binary) columns");
+        };
         for i in 0..b.num_rows() {
             let index = idx.value(i);
             if index != v.next_index() {
@@ -314,7 +332,7 @@ pub async fn verify(url: &str) -> anyhow::Result<()> {
         bail!("chain head mismatch: ledger reports {}, entries hash to {head}", status["head_hash"]);
     }
     let root = tree.root();
-    if status["tree_root"].is_string() && b64_hash(&status["tree_root"], "tree_root")? != root {
+    if b64_hash(&status["tree_root"], "the ledger's tree_root")? != root {
         bail!("merkle root mismatch at size {size}: the ledger reports {}, its entries give {}", status["tree_root"], B64.encode(root));
     }
     println!("ok: {size} entries verified; chain head {head}; merkle root {}", B64.encode(root));

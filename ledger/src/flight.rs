@@ -83,9 +83,20 @@ impl LedgerFlight {
         }
     }
 
+    /// The ledger size whose tree `store` fully holds (the same store for size and nodes: a
+    /// snapshot install may swap the cell between two reads).
+    fn tree_size(store: &crate::store::Store) -> Result<u64, Status> {
+        let ledger = LedgerState::recorded(store).map_err(|e| Status::internal(e.to_string()))?.map_or(0, |s| s.next_index);
+        let tree = crate::state::stored_tree_size(store, ledger).map_err(|e| Status::data_loss(e.to_string()))?;
+        if tree < ledger {
+            return Err(Status::unavailable(format!("the Merkle tree is being rebuilt ({tree} of {ledger} entries); retry")));
+        }
+        Ok(ledger)
+    }
+
     fn inclusion(&self, req: &serde_json::Value) -> Result<serde_json::Value, Status> {
         let store = self.store.get();
-        let ledger = self.ledger_state()?.next_index;
+        let ledger = Self::tree_size(&store)?;
         let size = self.proof_size(req, "size", ledger)?;
         let index = req["index"].as_u64().ok_or_else(|| Status::invalid_argument("index must be a non-negative integer"))?;
         let tree = StoredTree(store.as_ref());
@@ -104,7 +115,7 @@ impl LedgerFlight {
 
     fn consistency(&self, req: &serde_json::Value) -> Result<serde_json::Value, Status> {
         let store = self.store.get();
-        let ledger = self.ledger_state()?.next_index;
+        let ledger = Self::tree_size(&store)?;
         let second = self.proof_size(req, "second", ledger)?;
         let first = req["first"].as_u64().ok_or_else(|| Status::invalid_argument("first must be a non-negative integer"))?;
         let tree = StoredTree(store.as_ref());
@@ -309,12 +320,16 @@ impl FlightService for LedgerFlight {
                     .ok()
                     .and_then(|v| v["max_staleness_ms"].as_u64());
                 self.read_barrier(staleness).await?;
-                let st = self.ledger_state()?;
+                // Size, head and root from one store.
+                let store = self.store.get();
+                let st = LedgerState::recorded(&store).map_err(|e| Status::internal(e.to_string()))?.unwrap_or_else(LedgerState::empty);
+                Self::tree_size(&store)?;
+                let root = merkle::root(&StoredTree(store.as_ref()), st.next_index).map_err(|e| Status::data_loss(e.to_string()))?;
                 let node = self.node.status();
                 let body = serde_json::json!({
                     "size": st.next_index,
                     "head_hash": hex::encode(st.head),
-                    "tree_root": B64.encode(merkle::root(&StoredTree(self.store.get().as_ref()), st.next_index).map_err(|e| Status::data_loss(e.to_string()))?),
+                    "tree_root": B64.encode(root),
                     "last_commit_ns": st.last_commit_ns,
                     "raft_id": node.id,
                     "role": node.role,

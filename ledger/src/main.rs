@@ -221,13 +221,42 @@ impl MembershipEdit {
 /// another change is in flight, or the outcome of a request is unknown, it looks at the
 /// members again and retries, until `timeout`: the change is idempotent, so retrying is safe.
 async fn change_membership(endpoint: &str, edit: &MembershipEdit, timeout: Duration) -> anyhow::Result<(bool, Vec<Member>)> {
+    /// The most one attempt may take: a paused or unreachable node must not stall the loop.
+    const ATTEMPT: Duration = Duration::from_secs(15);
     let deadline = std::time::Instant::now() + timeout;
     let mut attempts = 0u32;
+    let mut refused: Option<String> = None;
+    let mut endpoints = vec![endpoint.to_string()];
+    let seen = std::sync::Mutex::new(Vec::<String>::new());
     loop {
         attempts += 1;
-        let attempt: anyhow::Result<Result<(bool, Vec<Member>), tonic::Status>> = async {
-            let mut c = leader_client(endpoint).await?;
+        let tried = endpoints.clone();
+        let attempt = async {
+            // The given endpoint first, then the members it named (it may be the node the
+            // change removes, or down).
+            let mut last = None;
+            let mut found = None;
+            for e in &tried {
+                match leader_client(e).await {
+                    Ok(c) => {
+                        found = Some(c);
+                        break;
+                    }
+                    Err(err) => last = Some(err),
+                }
+            }
+            let Some(mut c) = found else {
+                return Err(last.unwrap_or_else(|| anyhow::anyhow!("no endpoint to try")));
+            };
             let st = c.status(StatusRequest {}).await.context("cluster status")?.into_inner();
+            if let Ok(mut s) = seen.lock() {
+                s.extend(st.members.iter().map(|m| m.client_addr.clone()));
+            }
+            // Only the leader's membership is current: a follower may not have applied the
+            // last change yet, and would make a change look done (or not) wrongly.
+            if st.role != "leader" {
+                return Ok(Err(tonic::Status::unavailable(format!("node {} is not the leader (role {}); no leader known yet", st.raft_id, st.role))));
+            }
             match edit.in_place(&st.members) {
                 Ok(true) => return Ok(Ok((attempts == 1, st.members))),
                 Ok(false) => {}
@@ -237,17 +266,33 @@ async fn change_membership(endpoint: &str, edit: &MembershipEdit, timeout: Durat
                 MembershipEdit::Add(m) => c.add_member(AddMemberRequest { member: Some(m.clone()) }).await,
                 MembershipEdit::Remove(id) => c.remove_member(RemoveMemberRequest { id: *id }).await,
             };
-            Ok(r.map(|r| (false, r.into_inner().members)))
-        }
-        .await;
-        let why = match attempt {
-            Ok(Ok(done)) => return Ok(done),
-            Ok(Err(s)) if s.code() == tonic::Code::InvalidArgument => bail!("{}", s.message()),
-            Ok(Err(s)) => s.message().to_string(),
-            // An unreachable node or cluster may come back before the deadline.
-            Err(e) => format!("{e:#}"),
+            anyhow::Ok(r.map(|r| (false, r.into_inner().members)))
         };
-        if std::time::Instant::now() > deadline {
+        let left = deadline.saturating_duration_since(std::time::Instant::now()).max(Duration::from_secs(1));
+        let why = match tokio::time::timeout(left.min(ATTEMPT), attempt).await {
+            Ok(Ok(Ok(done))) => return Ok(done),
+            Ok(Ok(Err(s))) if s.code() == tonic::Code::InvalidArgument => {
+                // Refused. After an attempt whose outcome was unknown the refusal may only
+                // say that the change is already done ("not a member" after our own
+                // removal), so look again once; the same refusal twice is final.
+                let msg = s.message().to_string();
+                if attempts == 1 || refused.as_deref() == Some(msg.as_str()) {
+                    bail!("{msg}");
+                }
+                refused = Some(msg.clone());
+                msg
+            }
+            Ok(Ok(Err(s))) => s.message().to_string(),
+            // An unreachable node or cluster may come back before the deadline.
+            Ok(Err(e)) => format!("{e:#}"),
+            Err(_) => format!("no answer within {:?}", left.min(ATTEMPT)),
+        };
+        for a in seen.lock().map(|mut s| std::mem::take(&mut *s)).unwrap_or_default() {
+            if !endpoints.contains(&a) {
+                endpoints.push(a);
+            }
+        }
+        if std::time::Instant::now() >= deadline {
             bail!("membership change not done after {attempts} attempts in {timeout:?}; last: {why}");
         }
         tracing::warn!(attempt = attempts, "membership change not done yet, retrying: {why}");

@@ -467,15 +467,20 @@ async fn receive_raft(inner: &Arc<Inner>, node: &NodeHandle, from: u64, mut tls:
         }
         if m.get_msg_type() == MessageType::MsgSnapshot {
             let desc = SnapshotDescriptor::decode(&m.get_snapshot().data[..]).context("snapshot descriptor")?;
-            if !inner.fetching.lock().expect("fetching lock").insert(desc.name.clone()) {
-                debug!(snapshot = %desc.name, "already fetching this snapshot; dropped the repeated message");
+            if m.get_snapshot().get_metadata().index <= node.status().applied {
+                debug!(snapshot = %desc.name, "a snapshot older than what this node applied; dropped");
                 continue;
             }
+            let Some(guard) = FetchGuard::claim(inner, &desc.name) else {
+                debug!(snapshot = %desc.name, "already fetching this snapshot; dropped the repeated message");
+                continue;
+            };
             let inner = inner.clone();
             let node = node.clone();
             // Fetch off the read loop, then hand the message to Raft. On failure it is
             // dropped; the leader sends the snapshot again.
             tokio::spawn(async move {
+                let _guard = guard;
                 let index = m.get_snapshot().get_metadata().index;
                 match fetch_snapshot(&inner, &desc, index).await {
                     Ok(()) => {
@@ -483,7 +488,6 @@ async fn receive_raft(inner: &Arc<Inner>, node: &NodeHandle, from: u64, mut tls:
                     }
                     Err(e) => warn!(leader = desc.leader_id, snapshot = %desc.name, error = %format!("{e:#}"), "fetching a snapshot failed"),
                 }
-                inner.fetching.lock().expect("fetching lock").remove(&desc.name);
             });
             continue;
         }
@@ -493,6 +497,30 @@ async fn receive_raft(inner: &Arc<Inner>, node: &NodeHandle, from: u64, mut tls:
     }
     Ok(())
 }
+
+/// Marks a snapshot as being fetched, until dropped (also on a panic or a cancelled task).
+struct FetchGuard {
+    inner: Arc<Inner>,
+    name: String,
+}
+
+impl FetchGuard {
+    fn claim(inner: &Arc<Inner>, name: &str) -> Option<Self> {
+        inner.fetching.lock().ok()?.insert(name.to_string()).then(|| Self { inner: inner.clone(), name: name.to_string() })
+    }
+}
+
+impl Drop for FetchGuard {
+    fn drop(&mut self) {
+        if let Ok(mut f) = self.inner.fetching.lock() {
+            f.remove(&self.name);
+        }
+    }
+}
+
+/// How long a snapshot stream may stall before the fetch is abandoned (and retried when
+/// the leader sends the snapshot again).
+const SNAPSHOT_STALL: Duration = Duration::from_secs(30);
 
 fn safe_name(n: &str) -> bool {
     !n.is_empty() && n.len() <= 128 && !n.contains('/') && !n.contains('\0') && n != "." && n != ".."
@@ -556,8 +584,9 @@ async fn fetch_snapshot(inner: &Inner, desc: &SnapshotDescriptor, index: u64) ->
     let mut got: HashMap<String, u64> = HashMap::new();
     let mut open: Option<(String, tokio::fs::File)> = None;
     loop {
-        let frame = read_frame(&mut conn, SNAPSHOT_CHUNK + 4096)
-            .await?
+        let frame = tokio::time::timeout(SNAPSHOT_STALL, read_frame(&mut conn, SNAPSHOT_CHUNK + 4096))
+            .await
+            .map_err(|_| anyhow!("the snapshot stream stalled for {SNAPSHOT_STALL:?}"))??
             .ok_or_else(|| anyhow!("the leader closed the snapshot stream early"))?;
         let c = FileChunk::decode(&frame[..]).context("malformed snapshot chunk")?;
         if c.done {

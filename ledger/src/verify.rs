@@ -53,6 +53,14 @@ pub enum VerifyError {
         /// Root recomputed from the entries.
         computed: String,
     },
+    /// The stored Merkle tree lacks leaves the entries have.
+    #[error("index {index}: the stored merkle tree ends here, the ledger has {size} entries")]
+    TreeShort {
+        /// First entry without a leaf.
+        index: u64,
+        /// Entries.
+        size: u64,
+    },
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -63,7 +71,7 @@ impl VerifyError {
     pub fn index(&self) -> Option<u64> {
         match self {
             VerifyError::Chain(c) => Some(c.index()),
-            VerifyError::Missing { index, .. } => Some(*index),
+            VerifyError::Missing { index, .. } | VerifyError::TreeShort { index, .. } => Some(*index),
             _ => None,
         }
     }
@@ -89,7 +97,12 @@ pub fn verify_store(store: &Store) -> Result<VerifyReport, VerifyError> {
     // The stored tree must give the same root as the entries (it is what proofs are built
     // from), at the size the stored tree reaches.
     let stored_size = stored_tree_size(store, v.next_index())?;
-    if stored_size == v.next_index() && stored_size > 0 {
+    if stored_size < v.next_index() {
+        // The node backfills a missing tail on open; offline, a short tree is reported,
+        // and the part it holds is still compared below.
+        return Err(VerifyError::TreeShort { index: stored_size, size: v.next_index() });
+    }
+    if stored_size > 0 {
         let stored = merkle::root(&StoredTree(store), stored_size)?;
         let computed = tree.root();
         if stored != computed {

@@ -182,8 +182,8 @@ impl SignedNote {
         if note.len() > MAX_NOTE_BYTES {
             return Err(NoteError::Malformed(format!("note of {} bytes exceeds {MAX_NOTE_BYTES}", note.len())));
         }
-        if note.chars().any(|c| c.is_ascii_control() && c != '\n') {
-            return Err(NoteError::Malformed("control characters other than newline".into()));
+        if note.chars().any(|c| (c as u32) < 0x20 && c != '\n') {
+            return Err(NoteError::Malformed("control characters (below U+0020) other than newline".into()));
         }
         // The text ends at the last blank line: signature lines never hold one.
         let split = note.rfind("\n\n").ok_or_else(|| NoteError::Malformed("no blank line before the signatures".into()))?;
