@@ -356,7 +356,8 @@ impl LedgerCluster {
         }
     }
 
-    /// Waits until every running node has applied the same ledger size and chain head.
+    /// Waits until every running node has applied the same Raft index, ledger size, chain
+    /// head and Merkle root.
     pub fn wait_converged(&self, timeout: Duration) -> anyhow::Result<(u64, String)> {
         let deadline = Instant::now() + timeout;
         loop {
@@ -368,7 +369,10 @@ impl LedgerCluster {
                     seen.push((s["size"].as_u64().unwrap_or(0), head, s["commit_index"].as_u64(), s["applied_index"].as_u64()));
                 }
             }
-            if seen.len() == self.running().len() && !seen.is_empty() && seen.iter().all(|s| s.0 == seen[0].0 && s.1 == seen[0].1 && s.2 == s.3) {
+            // Same size, head and root, and the same Raft index applied everywhere: an empty
+            // new member has the same (empty) ledger as a cluster without events, but not
+            // the same applied index.
+            if seen.len() == self.running().len() && !seen.is_empty() && seen.iter().all(|s| s.0 == seen[0].0 && s.1 == seen[0].1 && s.2 == s.3 && s.3 == seen[0].3) {
                 return Ok((seen[0].0, seen[0].1.clone()));
             }
             if Instant::now() > deadline {
