@@ -113,6 +113,9 @@ enum Cmd {
         #[arg(long)]
         flight: Option<String>,
     },
+    /// Print the ledger's latest checkpoint (C2SP signed note) exactly as signed, with one
+    /// cosignature from each ledger node that answers.
+    Checkpoint(CheckpointArgs),
     /// Print a Merkle proof from the ledger, one base64 hash per line, after checking it
     /// against the root the ledger gives (compare that root with one you saved).
     Proof {
@@ -126,6 +129,21 @@ enum Cmd {
         #[arg(long, global = true)]
         flight: Option<String>,
     },
+}
+
+/// Options of `custody checkpoint`.
+#[derive(clap::Args)]
+struct CheckpointArgs {
+    /// Tree size to sign (default: the ledger's size now).
+    #[arg(long)]
+    size: Option<u64>,
+    /// A pinned verifier key (`name+keyid+base64`); repeat for each ledger node. Every
+    /// signature by a pinned key must verify, and at least one must be present.
+    #[arg(long = "key")]
+    keys: Vec<String>,
+    /// Ledger Flight URL (default from config).
+    #[arg(long)]
+    flight: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -225,6 +243,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Verify { flight } => {
             let url = flight_url(&cfg, flight)?;
             custody::query::verify(&url).await
+        }
+        Cmd::Checkpoint(a) => {
+            let url = flight_url(&cfg, a.flight)?;
+            let note = custody::query::checkpoint(&url, a.size, &a.keys).await?;
+            print!("{note}");
+            Ok(())
         }
         Cmd::Proof { kind, json, flight } => {
             let url = flight_url(&cfg, flight)?;

@@ -289,6 +289,64 @@ pub async fn consistency_proof(url: &str, first: u64, second: Option<u64>) -> an
     Ok(p)
 }
 
+/// `custody checkpoint`: asks every ledger node to sign the checkpoint at one size, checks
+/// that they sign the same text, and returns one note with all their signatures. With
+/// `pinned` keys, every signature by a pinned key must verify and one must be present;
+/// without, each node's signature is checked against the key it publishes, and a warning
+/// says to pin them.
+pub async fn checkpoint(url: &str, size: Option<u64>, pinned: &[String]) -> anyhow::Result<String> {
+    use custody_proto::note::{SignedNote, VerifierKey};
+    let pinned: Vec<VerifierKey> = pinned.iter().map(|k| VerifierKey::parse(k).with_context(|| format!("--key {k}"))).collect::<Result<_, _>>()?;
+    let status = action(url, "status", &json!({})).await?;
+    let size = match size {
+        Some(s) => s,
+        None => status["size"].as_u64().context("the ledger's status has no size")?,
+    };
+    let mut nodes: Vec<String> = status["members"].as_array().into_iter().flatten().filter_map(|m| m["flight"].as_str().map(str::to_string)).collect();
+    if nodes.is_empty() {
+        nodes.push(url.to_string());
+    }
+    let mut merged: Option<SignedNote> = None;
+    let mut published: Vec<VerifierKey> = Vec::new();
+    for n in &nodes {
+        let r = match action(n, "checkpoint", &json!({"size": size})).await {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("custody: warning: {n} did not sign: {e:#}");
+                continue;
+            }
+        };
+        let note = SignedNote::parse(r["note"].as_str().context("no note")?).with_context(|| format!("{n} sent a malformed note"))?;
+        let key = VerifierKey::parse(r["verifier_key"].as_str().context("no verifier key")?).with_context(|| format!("{n} sent a malformed verifier key"))?;
+        note.verify(std::slice::from_ref(&key)).with_context(|| format!("{n}'s signature does not verify with the key it publishes"))?;
+        match &mut merged {
+            None => merged = Some(note),
+            Some(m) => {
+                anyhow::ensure!(m.text == note.text, "{n} signed a different checkpoint at size {size}:\n{}\nthan the others:\n{}", note.text, m.text);
+                for s in note.signatures {
+                    if !m.signatures.contains(&s) {
+                        m.signatures.push(s);
+                    }
+                }
+            }
+        }
+        published.push(key);
+    }
+    let note = merged.context("no ledger node signed the checkpoint")?;
+    let cp = custody_proto::note::Checkpoint::parse(&note.text)?;
+    anyhow::ensure!(cp.size == size, "the checkpoint is for size {}, not {size}", cp.size);
+    if pinned.is_empty() {
+        eprintln!("custody: warning: no --key given; checked each signature against the key its node publishes:");
+        for k in &published {
+            eprintln!("  {k}");
+        }
+    } else {
+        let signed = note.verify(&pinned).context("no pinned key signed this checkpoint")?;
+        eprintln!("custody: verified signatures by {} of {} pinned keys", signed.len(), pinned.len());
+    }
+    Ok(note.encode())
+}
+
 /// `custody verify`: pulls every entry and checks indices and the hash chain, then compares
 /// the head and the Merkle root with what the ledger reports.
 pub async fn verify(url: &str) -> anyhow::Result<()> {

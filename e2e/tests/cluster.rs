@@ -118,6 +118,30 @@ fn three_nodes_replicate_survive_the_leader_s_death_and_report_health() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!((v["first"].as_u64(), v["second"].as_u64()), (Some(100), Some(200)));
+    // One checkpoint, cosigned by every node with its own key, printed exactly as signed.
+    let out = custody_cmd(&dir.path().join("home"), None).args(["checkpoint", "--flight", &c.nodes[&follower].flight()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let note = custody_proto::note::SignedNote::parse(&String::from_utf8(out.stdout).unwrap()).unwrap();
+    let cp = custody_proto::note::Checkpoint::parse(&note.text).unwrap();
+    assert_eq!((cp.size, custody_proto::entry::hex(&cp.root)), (200, root.clone()));
+    assert_eq!(note.signatures.len(), 3, "{note:?}");
+    let keys: Vec<String> = c
+        .running()
+        .into_iter()
+        .map(|id| rt().block_on(custody::query::action(&c.nodes[&id].flight(), "status", &serde_json::json!({}))).unwrap()["verifier_key"].as_str().unwrap().to_string())
+        .collect();
+    let parsed: Vec<custody_proto::note::VerifierKey> = keys.iter().map(|k| custody_proto::note::VerifierKey::parse(k).unwrap()).collect();
+    assert_eq!(note.verify(&parsed).unwrap().len(), 3);
+    let mut args = vec!["checkpoint".to_string(), "--size".into(), "150".into(), "--flight".into(), c.nodes[&leader].flight()];
+    for k in &keys {
+        args.extend(["--key".to_string(), k.clone()]);
+    }
+    let out = custody_cmd(&dir.path().join("home"), None).args(&args).output().unwrap();
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stderr).contains("3 of 3 pinned keys"), "{}", String::from_utf8_lossy(&out.stderr));
+    // A key the ledger does not hold is not a signature.
+    let stranger = custody_proto::note::NoteSigner::new("someone/else", ed25519_dalek::SigningKey::from_bytes(&[1; 32])).unwrap().verifier().to_string();
+    let out = custody_cmd(&dir.path().join("home"), None).args(["checkpoint", "--key", &stranger, "--flight", &c.nodes[&leader].flight()]).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no pinned key signed"), "{}", String::from_utf8_lossy(&out.stderr));
     let out = custody_cmd(&dir.path().join("home"), None).args(["proof", "inclusion", "500", "--flight", &c.nodes[&follower].flight()]).output().unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not in a tree of size 200"), "{}", String::from_utf8_lossy(&out.stderr));
 

@@ -24,6 +24,11 @@
 //!   { id = 3, peer = "ledger-3:7410", client = "ledger-3:7400" },
 //! ]
 //!
+//! [checkpoint]
+//! origin = "audit.example.com/prod"      # first line of every signed checkpoint
+//!                                         # (default custody/<cluster name>); this node's key
+//!                                         # is <data_dir>/checkpoint.key, made on first start
+//!
 //! [cluster.tls]
 //! ca = "/etc/custody/ledger-ca.pem"
 //! cert = "/etc/custody/ledger-1.pem"      # must be valid for the DNS name ledger-<id>
@@ -60,6 +65,25 @@ pub struct LedgerConfig {
     /// Replication settings; absent for a single node.
     #[serde(default)]
     pub cluster: ClusterConfig,
+    /// Signed checkpoints.
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+}
+
+/// How this node signs checkpoints.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// The log's origin, the first line of every checkpoint (default `custody/<cluster name>`).
+    /// This node's key name is `<origin>/<node_id>`.
+    pub origin: Option<String>,
+}
+
+impl LedgerConfig {
+    /// The checkpoint origin.
+    pub fn checkpoint_origin(&self) -> String {
+        self.checkpoint.origin.clone().unwrap_or_else(|| format!("custody/{}", self.cluster.name))
+    }
 }
 
 /// How this node takes part in a cluster.
@@ -219,6 +243,7 @@ impl LedgerConfig {
             http_listen: default_http(),
             max_event_bytes: default_max_event(),
             cluster: ClusterConfig::default(),
+            checkpoint: CheckpointConfig::default(),
         }
     }
 

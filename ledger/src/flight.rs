@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
+use crate::checkpoint::{CheckpointError, CheckpointSigner};
 use crate::machine::StoreCell;
 use crate::node::NodeHandle;
 use crate::scan::{scan, ScanError};
@@ -39,12 +40,31 @@ const READ_BARRIER: Duration = Duration::from_secs(5);
 pub struct LedgerFlight {
     store: StoreCell,
     node: NodeHandle,
+    signer: std::sync::Arc<tokio::sync::Mutex<CheckpointSigner>>,
 }
 
 impl LedgerFlight {
-    /// A Flight service over the node's state machine.
-    pub fn new(store: StoreCell, node: NodeHandle) -> Self {
-        Self { store, node }
+    /// A Flight service over the node's state machine, signing checkpoints with `signer`.
+    pub fn new(store: StoreCell, node: NodeHandle, signer: CheckpointSigner) -> Self {
+        Self { store, node, signer: std::sync::Arc::new(tokio::sync::Mutex::new(signer)) }
+    }
+
+    /// Signs the checkpoint at the size asked (default: the tree's size) with this node's key.
+    async fn checkpoint(&self, req: &serde_json::Value) -> Result<serde_json::Value, Status> {
+        let store = self.store.get();
+        let ledger = Self::tree_size(&store)?;
+        let size = self.proof_size(req, "size", ledger)?;
+        let mut signer = self.signer.lock().await;
+        let note = signer.sign(&StoredTree(store.as_ref()), size).map_err(|e| match e {
+            CheckpointError::Inconsistent { .. } => Status::failed_precondition(e.to_string()),
+            other => Status::internal(other.to_string()),
+        })?;
+        Ok(serde_json::json!({
+            "size": size,
+            "note": note.encode(),
+            "verifier_key": signer.verifier().to_string(),
+            "origin": signer.origin(),
+        }))
     }
 
     /// Waits until this node may serve a read: by default every write committed before the
@@ -326,7 +346,10 @@ impl FlightService for LedgerFlight {
                 Self::tree_size(&store)?;
                 let root = merkle::root(&StoredTree(store.as_ref()), st.next_index).map_err(|e| Status::data_loss(e.to_string()))?;
                 let node = self.node.status();
+                let verifier_key = self.signer.lock().await.verifier().to_string();
                 let body = serde_json::json!({
+                    "verifier_key": verifier_key,
+                    "members": node.members.iter().map(|m| serde_json::json!({"id": m.id, "flight": format!("grpc://{}", m.client_addr)})).collect::<Vec<_>>(),
                     "size": st.next_index,
                     "head_hash": hex::encode(st.head),
                     "tree_root": B64.encode(root),
@@ -340,6 +363,17 @@ impl FlightService for LedgerFlight {
                 let r = arrow_flight::Result::new(body.to_string());
                 Ok(Response::new(Box::pin(stream::once(async { Ok(r) }))))
             }
+            "checkpoint" => {
+                let req: serde_json::Value = if action.body.is_empty() {
+                    serde_json::json!({})
+                } else {
+                    serde_json::from_slice(&action.body).map_err(|e| Status::invalid_argument(format!("the action body must be JSON: {e}")))?
+                };
+                self.read_barrier(req["max_staleness_ms"].as_u64()).await?;
+                let body = self.checkpoint(&req).await?;
+                let r = arrow_flight::Result::new(body.to_string());
+                Ok(Response::new(Box::pin(stream::once(async { Ok(r) }))))
+            }
             "inclusion_proof" | "consistency_proof" => {
                 let req: serde_json::Value = serde_json::from_slice(&action.body)
                     .map_err(|e| Status::invalid_argument(format!("the action body must be JSON: {e}")))?;
@@ -349,7 +383,7 @@ impl FlightService for LedgerFlight {
                 Ok(Response::new(Box::pin(stream::once(async { Ok(r) }))))
             }
             other => Err(Status::invalid_argument(format!(
-                "unknown action {other:?}; actions: status, inclusion_proof, consistency_proof"
+                "unknown action {other:?}; actions: status, checkpoint, inclusion_proof, consistency_proof"
             ))),
         }
     }
@@ -360,6 +394,7 @@ impl FlightService for LedgerFlight {
     ) -> Result<Response<Self::ListActionsStream>, Status> {
         let actions = [
             ("status", "ledger size, chain head and Merkle root as JSON"),
+            ("checkpoint", "{\"size\": N} (optional): the C2SP checkpoint of the tree at N, signed by this node's key, with its verifier key"),
             ("inclusion_proof", "{\"index\": I, \"size\": N}: the RFC 6962 inclusion proof of entry I in the tree of size N, with the entry's canonical bytes"),
             ("consistency_proof", "{\"first\": M, \"second\": N}: the RFC 6962 consistency proof between the trees of sizes M and N"),
         ]

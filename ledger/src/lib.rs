@@ -19,6 +19,7 @@
 //! `raft_log` call it. Nothing under `state` or `machine` reads a clock, randomness or local
 //! configuration: every replica that applies the same log holds the same bytes.
 
+pub mod checkpoint;
 pub mod config;
 pub mod flight;
 pub mod layout;

@@ -215,7 +215,10 @@ async fn run_node(cfg: LedgerConfig, shutdown: impl Future<Output = ()> + Send +
         handle.clone(),
         AppendLimits { max_event_bytes: cfg.max_event_bytes, max_batch_events: 8192 },
     );
-    let flight = LedgerFlight::new(store, handle.clone());
+    let signer = crate::checkpoint::CheckpointSigner::open(&cfg.data_dir, &cfg.checkpoint_origin(), &cfg.node_id)
+        .context("opening this node's checkpoint key")?;
+    info!(key = %signer.verifier(), "checkpoint verifier key");
+    let flight = LedgerFlight::new(store, handle.clone(), signer);
 
     let grpc = TcpListener::bind(cfg.listen)
         .await
