@@ -38,6 +38,10 @@ pub struct ClientConfig {
     pub audience: Option<String>,
     /// Note shown by `custody status`, e.g. "written by custody dev".
     pub note: Option<String>,
+    /// Pinned ledger verifier keys (`name+keyid+base64`), for `custody verify` and
+    /// `custody checkpoint`.
+    #[serde(default)]
+    pub ledger_keys: Vec<String>,
 }
 
 /// The directory holding config and token cache.
@@ -55,6 +59,12 @@ pub fn home() -> PathBuf {
 /// Path of the config file.
 pub fn config_path() -> PathBuf {
     home().join("config.toml")
+}
+
+/// Where `custody verify` keeps the last checkpoint it verified, per ledger origin.
+pub fn verified_path(origin: &str) -> PathBuf {
+    let safe: String = origin.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' }).collect();
+    home().join("verified").join(format!("{safe}.checkpoint"))
 }
 
 /// Path of the token cache.

@@ -446,7 +446,17 @@ password_file = "{}"
     wait_tcp(proxy_http, "custody-proxy", &mut proxy, &logs.join("proxy.log")).await?;
     children.0.push(("custody-proxy", proxy));
 
-    // 5. client config and login
+    // 5. client config (with the ledger nodes' checkpoint keys pinned) and login
+    let ledger_flight = format!("grpc://{ledger_grpc}");
+    let mut ledger_keys = Vec::new();
+    if let Ok(st) = crate::query::action(&ledger_flight, "status", &serde_json::json!({})).await {
+        let members: Vec<String> = st["members"].as_array().into_iter().flatten().filter_map(|m| m["flight"].as_str().map(str::to_string)).collect();
+        for m in if members.is_empty() { vec![ledger_flight.clone()] } else { members } {
+            if let Ok(s) = crate::query::action(&m, "status", &serde_json::json!({})).await {
+                ledger_keys.extend(s["verifier_key"].as_str().map(str::to_string));
+            }
+        }
+    }
     let client = ClientConfig {
         proxy: Some(quic.to_string()),
         server_name: Some("localhost".into()),
@@ -457,6 +467,7 @@ password_file = "{}"
         client_id: Some("custody-cli".into()),
         audience: Some(DEV_AUDIENCE.into()),
         note: Some("written by custody dev".into()),
+        ledger_keys,
     };
     let cfg_path = client.save()?;
     let opts_login = LoginOptions {

@@ -107,11 +107,17 @@ enum Cmd {
         #[arg(long)]
         flight: Option<String>,
     },
-    /// Check the ledger's hash chain and Merkle root end to end and report the first bad index.
+    /// Check the ledger end to end: its latest checkpoint's signatures against pinned keys,
+    /// consistency with the last checkpoint this machine verified, the hash chain, and the
+    /// Merkle root of every entry; report the first bad index.
     Verify {
         /// Ledger Flight URL (default from config).
         #[arg(long)]
         flight: Option<String>,
+        /// A pinned verifier key; repeatable (default: `ledger_keys` in the config). Without
+        /// any, checkpoints are not checked.
+        #[arg(long = "key")]
+        keys: Vec<String>,
     },
     /// Print the ledger's latest checkpoint (C2SP signed note) exactly as signed, with one
     /// cosignature from each ledger node that answers.
@@ -240,13 +246,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let url = flight_url(&cfg, flight)?;
             custody::query::sessions(&url, &filters, format).await
         }
-        Cmd::Verify { flight } => {
+        Cmd::Verify { flight, keys } => {
             let url = flight_url(&cfg, flight)?;
-            custody::query::verify(&url).await
+            let keys = if keys.is_empty() { cfg.ledger_keys.clone() } else { keys };
+            custody::query::verify(&url, &keys).await
         }
         Cmd::Checkpoint(a) => {
             let url = flight_url(&cfg, a.flight)?;
-            let note = custody::query::checkpoint(&url, a.size, &a.keys).await?;
+            let keys = if a.keys.is_empty() { cfg.ledger_keys.clone() } else { a.keys };
+            let note = custody::query::checkpoint(&url, a.size, &keys).await?;
             print!("{note}");
             Ok(())
         }

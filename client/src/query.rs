@@ -289,6 +289,41 @@ pub async fn consistency_proof(url: &str, first: u64, second: Option<u64>) -> an
     Ok(p)
 }
 
+/// Checks `cp` against the last checkpoint this machine verified for its origin: the same
+/// size must have the same root, and a consistency proof must link the two.
+async fn check_against_last_verified(url: &str, cp: &custody_proto::note::Checkpoint) -> anyhow::Result<()> {
+    let path = crate::config::verified_path(&cp.origin);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let last = custody_proto::note::SignedNote::parse(&text).and_then(|n| custody_proto::note::Checkpoint::parse(&n.text)).with_context(|| format!("{} is not a checkpoint", path.display()))?;
+    if last.size > cp.size {
+        bail!("the ledger's checkpoint (size {}) is older than the one this machine verified before (size {}, in {}): the log shrank or this is another view of it", cp.size, last.size, path.display());
+    }
+    if last.size == cp.size {
+        anyhow::ensure!(last.root == cp.root, "FORK: size {} had root {} when this machine verified it, and now {}", cp.size, B64.encode(last.root), B64.encode(cp.root));
+        return Ok(());
+    }
+    let p = action(url, "consistency_proof", &json!({"first": last.size, "second": cp.size})).await?;
+    merkle::verify_consistency(last.size, cp.size, &last.root, &cp.root, &b64_hashes(&p["proof"])?)
+        .map_err(|e| anyhow!("HISTORY REWRITTEN: the checkpoint at size {} does not extend the one verified before at size {}: {e}", cp.size, last.size))
+}
+
+fn save_verified(origin: &str, note: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = crate::config::verified_path(origin);
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(note.as_bytes()).and_then(|_| f.sync_all()).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
 /// `custody checkpoint`: asks every ledger node to sign the checkpoint at one size, checks
 /// that they sign the same text, and returns one note with all their signatures. With
 /// `pinned` keys, every signature by a pinned key must verify and one must be present;
@@ -349,7 +384,18 @@ pub async fn checkpoint(url: &str, size: Option<u64>, pinned: &[String]) -> anyh
 
 /// `custody verify`: pulls every entry and checks indices and the hash chain, then compares
 /// the head and the Merkle root with what the ledger reports.
-pub async fn verify(url: &str) -> anyhow::Result<()> {
+pub async fn verify(url: &str, keys: &[String]) -> anyhow::Result<()> {
+    // The signed head first, so that the entries pulled below are checked against it.
+    let signed = if keys.is_empty() {
+        eprintln!("custody: warning: no pinned ledger keys (--key, or ledger_keys in the config): checkpoints are not checked");
+        None
+    } else {
+        let note = checkpoint(url, None, keys).await?;
+        let parsed = custody_proto::note::SignedNote::parse(&note)?;
+        let cp = custody_proto::note::Checkpoint::parse(&parsed.text)?;
+        check_against_last_verified(url, &cp).await?;
+        Some((cp, note))
+    };
     let status = action(url, "status", &json!({})).await?;
     let size = status["size"].as_u64().unwrap_or(0);
     // Only the entries the status covers: appends may go on during the pull.
@@ -392,6 +438,25 @@ pub async fn verify(url: &str) -> anyhow::Result<()> {
     let root = tree.root();
     if b64_hash(&status["tree_root"], "the ledger's tree_root")? != root {
         bail!("merkle root mismatch at size {size}: the ledger reports {}, its entries give {}", status["tree_root"], B64.encode(root));
+    }
+    if let Some((cp, note)) = &signed {
+        // The entries pulled cover the checkpoint's tree: its root must be theirs.
+        anyhow::ensure!(cp.size <= size, "the checkpoint covers {} entries, the ledger served {size}", cp.size);
+        let mut prefix = merkle::MemoryTree::new();
+        let mut n = 0u64;
+        'outer: for b in &batches {
+            let Some(entries) = b.column_by_name("entry").and_then(|c| c.as_binary_opt::<i32>()) else { break };
+            for i in 0..b.num_rows() {
+                if n == cp.size {
+                    break 'outer;
+                }
+                prefix.push(merkle::leaf_hash(entries.value(i)));
+                n += 1;
+            }
+        }
+        anyhow::ensure!(prefix.root() == cp.root, "the signed checkpoint's root at size {} is not the root of the entries the ledger served", cp.size);
+        save_verified(&cp.origin, note)?;
+        println!("ok: signed checkpoint at size {} verified and consistent with the last one this machine verified", cp.size);
     }
     println!("ok: {size} entries verified; chain head {head}; merkle root {}", B64.encode(root));
     Ok(())

@@ -138,12 +138,32 @@ fn three_nodes_replicate_survive_the_leader_s_death_and_report_health() {
     }
     let out = custody_cmd(&dir.path().join("home"), None).args(&args).output().unwrap();
     assert!(out.status.success() && String::from_utf8_lossy(&out.stderr).contains("3 of 3 pinned keys"), "{}", String::from_utf8_lossy(&out.stderr));
+    // custody verify checks the signed head against pinned keys, and remembers it: a later
+    // run checks the new head extends it, and a forged memory of another root is a fork.
+    let home = dir.path().join("home");
+    let mut verify_args = vec!["verify".to_string(), "--flight".into(), c.nodes[&leader].flight()];
+    for k in &keys {
+        verify_args.extend(["--key".to_string(), k.clone()]);
+    }
+    let out = custody_cmd(&home, None).args(&verify_args).output().unwrap();
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("signed checkpoint at size 200 verified"), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    append_n(&urls, "c", 0, 5);
+    let out = custody_cmd(&home, None).args(&verify_args).output().unwrap();
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("at size 205 verified"), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let saved = std::fs::read_dir(home.join("verified")).unwrap().next().unwrap().unwrap().path();
+    let forged = custody_proto::note::Checkpoint { root: [7u8; 32], ..custody_proto::note::Checkpoint::parse(&custody_proto::note::SignedNote::parse(&std::fs::read_to_string(&saved).unwrap()).unwrap().text).unwrap() };
+    let signer = custody_proto::note::NoteSigner::new("forger", ed25519_dalek::SigningKey::from_bytes(&[2; 32])).unwrap();
+    let text = forged.to_text();
+    std::fs::write(&saved, custody_proto::note::SignedNote { text: text.clone(), signatures: vec![signer.sign(&text)] }.encode()).unwrap();
+    let out = custody_cmd(&home, None).args(&verify_args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && (err.contains("HISTORY REWRITTEN") || err.contains("FORK")), "{err}");
     // A key the ledger does not hold is not a signature.
     let stranger = custody_proto::note::NoteSigner::new("someone/else", ed25519_dalek::SigningKey::from_bytes(&[1; 32])).unwrap().verifier().to_string();
     let out = custody_cmd(&dir.path().join("home"), None).args(["checkpoint", "--key", &stranger, "--flight", &c.nodes[&leader].flight()]).output().unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no pinned key signed"), "{}", String::from_utf8_lossy(&out.stderr));
     let out = custody_cmd(&dir.path().join("home"), None).args(["proof", "inclusion", "500", "--flight", &c.nodes[&follower].flight()]).output().unwrap();
-    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not in a tree of size 200"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("index 500 is not in a tree of size 205"), "{}", String::from_utf8_lossy(&out.stderr));
 
     // The CLI shows it, as an SRE would look.
     let out = Command::new(bin("custody-ledger")).args(["status", "--endpoint", &c.nodes[&leader].url()]).output().unwrap();

@@ -99,6 +99,14 @@ fn main_job(nodes: u64) {
     let user = std::env::var("USER").ok().filter(|u| !u.is_empty()).unwrap_or_else(|| "developer".into());
     assert_eq!(req["subject"], user.as_str());
 
+    // custody dev pinned every ledger node's checkpoint key: verify checks the cosigned head.
+    let out = Command::new(bin("custody")).args(["verify"]).env("CUSTODY_HOME", &home).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.contains("signed checkpoint at size"), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(bin("custody")).args(["checkpoint"]).env("CUSTODY_HOME", &home).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.contains(&format!("by {nodes} of {nodes} pinned keys")), "one key pinned and one signature per node: {stderr}");
+
     // Ctrl-C stops the tunnel, then custody dev and every child it started.
     Command::new("kill").args(["-INT", &connect.id().to_string()]).status().unwrap();
     assert!(wait_exit(&mut connect, Duration::from_secs(10)).is_some_and(|s| s.success()), "custody connect stops cleanly on Ctrl-C");
