@@ -448,15 +448,7 @@ password_file = "{}"
 
     // 5. client config (with the ledger nodes' checkpoint keys pinned) and login
     let ledger_flight = format!("grpc://{ledger_grpc}");
-    let mut ledger_keys = Vec::new();
-    if let Ok(st) = crate::query::action(&ledger_flight, "status", &serde_json::json!({})).await {
-        let members: Vec<String> = st["members"].as_array().into_iter().flatten().filter_map(|m| m["flight"].as_str().map(str::to_string)).collect();
-        for m in if members.is_empty() { vec![ledger_flight.clone()] } else { members } {
-            if let Ok(s) = crate::query::action(&m, "status", &serde_json::json!({})).await {
-                ledger_keys.extend(s["verifier_key"].as_str().map(str::to_string));
-            }
-        }
-    }
+    let ledger_keys = ledger_keys(&ledger_flight, opts.nodes as usize).await;
     let client = ClientConfig {
         proxy: Some(quic.to_string()),
         server_name: Some("localhost".into()),
@@ -551,4 +543,31 @@ password_file = "{}"
     eprintln!("custody dev: stopping");
     children.stop();
     Ok(())
+}
+
+/// Every ledger node's checkpoint verifier key, read from each member's Flight status. A
+/// fresh cluster may not have elected a leader or applied its membership yet, so this
+/// retries for a while; without all the keys `custody verify` would not check checkpoints.
+async fn ledger_keys(flight: &str, nodes: usize) -> Vec<String> {
+    // The key does not need a linearizable read.
+    let body = serde_json::json!({"max_staleness_ms": 3_600_000});
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let mut keys = Vec::new();
+        if let Ok(st) = crate::query::action(flight, "status", &body).await {
+            let members: Vec<String> = st["members"].as_array().into_iter().flatten().filter_map(|m| m["flight"].as_str().map(str::to_string)).collect();
+            for m in if members.is_empty() { vec![flight.to_string()] } else { members } {
+                if let Ok(s) = crate::query::action(&m, "status", &body).await {
+                    keys.extend(s["verifier_key"].as_str().map(str::to_string));
+                }
+            }
+        }
+        if keys.len() >= nodes || std::time::Instant::now() > deadline {
+            if keys.len() < nodes {
+                eprintln!("custody dev: warning: pinned {} of {nodes} ledger keys; custody verify checks checkpoints only against those", keys.len());
+            }
+            return keys;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
 }
