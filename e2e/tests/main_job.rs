@@ -96,7 +96,16 @@ fn psql_session_is_recorded_with_results_errors_and_identity() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("division by zero"), "{stderr}");
     let home = stack.dir.path().join("home");
-    let rows = events_json(&home, &stack.ledger.flight(), &["--resource", "pg"]).unwrap();
+    // psql has exited; the proxy records the session's end when it sees the stream close,
+    // a moment later.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let rows = loop {
+        let rows = events_json(&home, &stack.ledger.flight(), &["--resource", "pg"]).unwrap();
+        if rows.last().is_some_and(|r| r["kind"] == "session_end") || std::time::Instant::now() > deadline {
+            break rows;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
     let sid = rows[0]["session_id"].as_str().unwrap().to_string();
     assert!(rows.iter().all(|r| r["subject"] == "ci-client" && r["groups"] == serde_json::json!(["ci", "dba"])));
     let reqs: Vec<&str> = rows.iter().filter(|r| r["kind"] == "request").map(|r| r["sql"].as_str().unwrap()).collect();

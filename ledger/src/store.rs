@@ -212,7 +212,7 @@ impl Store {
     }
 
     /// Test and tamper-tooling hook: overwrite or delete an entry directly, bypassing the
-    /// state machine. Used only by `custody-ledger tamper` in tests of `verify`.
+    /// state machine. Used only by the tamper tests of `verify`.
     pub fn raw_put_entry(&self, index: u64, bytes: Option<&[u8]>) -> Result<(), StoreError> {
         let cf = self.cf(cf::ENTRIES)?;
         match bytes {

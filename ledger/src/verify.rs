@@ -3,7 +3,7 @@
 use custody_proto::entry::{hex, ChainError, ChainVerifier};
 use thiserror::Error;
 
-use custody_proto::merkle::{self, leaf_hash, MemoryTree};
+use custody_proto::merkle::{self, leaf_hash, MemoryTree, NodeSource};
 
 use crate::state::{stored_tree_size, LedgerState, StoredTree};
 use crate::store::{Store, StoreError};
@@ -53,6 +53,16 @@ pub enum VerifyError {
         /// Root recomputed from the entries.
         computed: String,
     },
+    /// A stored Merkle node differs from the one the entries give.
+    #[error("index {first}: the stored merkle node at level {level}, index {index} (covering entries from {first}) does not match the entries")]
+    TreeNodeMismatch {
+        /// Level of the node.
+        level: u8,
+        /// Index of the node at its level.
+        index: u64,
+        /// First entry it covers.
+        first: u64,
+    },
     /// The stored Merkle tree lacks leaves the entries have.
     #[error("index {index}: the stored merkle tree ends here, the ledger has {size} entries")]
     TreeShort {
@@ -72,6 +82,7 @@ impl VerifyError {
         match self {
             VerifyError::Chain(c) => Some(c.index()),
             VerifyError::Missing { index, .. } | VerifyError::TreeShort { index, .. } => Some(*index),
+            VerifyError::TreeNodeMismatch { first, .. } => Some(*first),
             _ => None,
         }
     }
@@ -103,7 +114,20 @@ pub fn verify_store(store: &Store) -> Result<VerifyReport, VerifyError> {
         return Err(VerifyError::TreeShort { index: stored_size, size: v.next_index() });
     }
     if stored_size > 0 {
-        let stored = merkle::root(&StoredTree(store), stored_size)?;
+        // Every stored node, not only those of the current root: proofs use them all.
+        let stored_tree = StoredTree(store);
+        let mut level = 0u8;
+        while (stored_size >> level) > 0 {
+            for index in 0..(stored_size >> level) {
+                let stored = stored_tree.node(level, index)?;
+                let computed = tree.node(level, index).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                if stored != computed {
+                    return Err(VerifyError::TreeNodeMismatch { level, index, first: index << level });
+                }
+            }
+            level += 1;
+        }
+        let stored = merkle::root(&stored_tree, stored_size)?;
         let computed = tree.root();
         if stored != computed {
             return Err(VerifyError::TreeMismatch { size: stored_size, stored: hex(&stored), computed: hex(&computed) });
@@ -129,4 +153,86 @@ pub fn verify_store(store: &Store) -> Result<VerifyReport, VerifyError> {
         head: hex(&v.head()),
         tree_root: hex(&tree.root()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{tree_node_key, AppendBatch};
+    use crate::store::{cf, Put};
+    use custody_proto::pb::v1::{event, PgRequest};
+    use custody_proto::{Event, EventKind};
+    use prost::Message;
+
+    /// A real RocksDB ledger of `n` entries, written by the state machine.
+    fn ledger(dir: &std::path::Path, n: u64) -> Store {
+        let store = Store::open(dir).unwrap();
+        let mut st = LedgerState::empty();
+        for i in 0..n {
+            let ev = Event {
+                proxy_id: "p".into(),
+                session_id: "s".into(),
+                seq: i,
+                kind: EventKind::Request as i32,
+                body: Some(event::Body::PgRequest(PgRequest { message: "Query".into(), sql: format!("select {i}"), ..Default::default() })),
+                ..Default::default()
+            };
+            let a = st.apply_append(&AppendBatch { commit_time_ns: i as i64, events: vec![ev.encode_to_vec().into()] }, 1 << 20, &store).unwrap();
+            store.write(&a.writes, true).unwrap();
+            st = a.state;
+        }
+        store
+    }
+
+    #[test]
+    fn changed_deleted_reordered_and_truncated_entries_and_changed_tree_nodes_are_found_on_disk() {
+        let good = || {
+            let d = tempfile::tempdir().unwrap();
+            let s = ledger(d.path(), 20);
+            (d, s)
+        };
+        let (_d, s) = good();
+        let r = verify_store(&s).unwrap();
+        assert_eq!(r.verified, 20);
+
+        // One byte of entry 7's event changed.
+        let (_d, s) = good();
+        let mut e = s.entry(7).unwrap().unwrap();
+        let last = e.len() - 1;
+        e[last] ^= 1;
+        s.raw_put_entry(7, Some(&e)).unwrap();
+        let err = verify_store(&s).unwrap_err();
+        assert_eq!(err.index(), Some(8), "entry 7's change shows where entry 8 links to it: {err}");
+
+        // Entry 7 deleted.
+        let (_d, s) = good();
+        s.raw_put_entry(7, None).unwrap();
+        assert_eq!(verify_store(&s).unwrap_err().index(), Some(7));
+
+        // Entries 7 and 8 swapped.
+        let (_d, s) = good();
+        let (a, b) = (s.entry(7).unwrap().unwrap(), s.entry(8).unwrap().unwrap());
+        s.raw_put_entry(7, Some(&b)).unwrap();
+        s.raw_put_entry(8, Some(&a)).unwrap();
+        assert_eq!(verify_store(&s).unwrap_err().index(), Some(7));
+
+        // The last three entries cut off.
+        let (_d, s) = good();
+        for i in 17..20 {
+            s.raw_put_entry(i, None).unwrap();
+        }
+        let err = verify_store(&s).unwrap_err();
+        assert!(matches!(err, VerifyError::Missing { index: 17, size: 20 }), "{err}");
+
+        // A stored Merkle node changed: proofs would be served from it.
+        let (_d, s) = good();
+        s.write(&[Put::new(cf::MERKLE, tree_node_key(2, 1), vec![9u8; 32])], true).unwrap();
+        let err = verify_store(&s).unwrap_err();
+        assert!(matches!(err, VerifyError::TreeNodeMismatch { level: 2, index: 1, first: 4 }), "{err}");
+
+        // A leaf of the stored tree deleted.
+        let (_d, s) = good();
+        s.write(&[Put::delete(cf::MERKLE, tree_node_key(0, 19))], true).unwrap();
+        assert!(matches!(verify_store(&s).unwrap_err(), VerifyError::TreeShort { index: 19, size: 20 }));
+    }
 }
