@@ -159,6 +159,7 @@ impl CheckpointSigner {
     }
 
     fn alarm(&self, size: u64, reason: String) -> CheckpointError {
+        let reason = format!("{reason}; this node's log or tree may have been altered: stop it and run `custody-ledger verify --data-dir` on its data");
         tracing::error!(size, alarm = "checkpoint", "refusing to sign a checkpoint: {reason}");
         CheckpointError::Inconsistent { size, reason }
     }

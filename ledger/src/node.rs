@@ -782,6 +782,12 @@ impl<T: Transport> Node<T> {
             }
         }
         cc.changes = vec![single].into();
+        // raft-rs would turn a second change into an empty entry and accept it, leaving the
+        // caller to wait out its deadline for an "unknown" outcome: refuse it here instead.
+        if self.raw.raft.has_pending_conf() {
+            let _ = reply.send(Err(NodeError::Busy("another membership change is not applied yet; retry once it is (one change at a time)".into())));
+            return;
+        }
         let id = self.next_id();
         match self.raw.propose_conf_change(id.to_be_bytes().to_vec(), cc) {
             Ok(()) => {
