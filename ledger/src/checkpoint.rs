@@ -125,6 +125,11 @@ impl CheckpointSigner {
         self.signer.verifier()
     }
 
+    /// The last checkpoint this node signed: size and root.
+    pub fn last_signed(&self) -> Option<(u64, Hash)> {
+        self.last
+    }
+
     /// The checkpoint origin.
     pub fn origin(&self) -> &str {
         &self.origin

@@ -29,6 +29,14 @@
 //!                                         # (default custody/<cluster name>); this node's key
 //!                                         # is <data_dir>/checkpoint.key, made on first start
 //!
+//! [blocks]
+//! max_entries = 1024                      # seal a block every N entries (0: no blocks)
+//! max_delay_ms = 1000                     # ... or once the oldest unsealed entry is T ms old
+//!
+//! [self_check]
+//! on_start = true                         # check the stored log against the last signed
+//! interval_s = 3600                       # checkpoint at start and then every interval (0: never)
+//!
 //! [cluster.tls]
 //! ca = "/etc/custody/ledger-ca.pem"
 //! cert = "/etc/custody/ledger-1.pem"      # must be valid for the DNS name ledger-<id>
@@ -68,6 +76,64 @@ pub struct LedgerConfig {
     /// Signed checkpoints.
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
+    /// Sealing entries into blocks.
+    #[serde(default)]
+    pub blocks: BlocksConfig,
+    /// The node's check of its own stored log.
+    #[serde(default)]
+    pub self_check: SelfCheckConfig,
+}
+
+/// When the leader seals entries into blocks (through Raft; every node signs each block's
+/// checkpoint).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlocksConfig {
+    /// Seal once this many entries wait (0: never seal).
+    #[serde(default = "default_block_entries")]
+    pub max_entries: u64,
+    /// Seal once the oldest waiting entry is this many ms old.
+    #[serde(default = "default_block_delay")]
+    pub max_delay_ms: u64,
+}
+
+impl Default for BlocksConfig {
+    fn default() -> Self {
+        Self { max_entries: default_block_entries(), max_delay_ms: default_block_delay() }
+    }
+}
+
+fn default_block_entries() -> u64 {
+    1024
+}
+fn default_block_delay() -> u64 {
+    1000
+}
+
+/// When the node re-reads its whole stored log and checks it against its Merkle tree, its
+/// blocks and the last checkpoint it signed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SelfCheckConfig {
+    /// Check at start-up (in the background; reads wait for nothing).
+    #[serde(default = "default_true")]
+    pub on_start: bool,
+    /// Seconds between checks while running (0: only at start-up).
+    #[serde(default = "default_self_check_interval")]
+    pub interval_s: u64,
+}
+
+impl Default for SelfCheckConfig {
+    fn default() -> Self {
+        Self { on_start: true, interval_s: default_self_check_interval() }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_self_check_interval() -> u64 {
+    3600
 }
 
 /// How this node signs checkpoints.
@@ -244,6 +310,8 @@ impl LedgerConfig {
             max_event_bytes: default_max_event(),
             cluster: ClusterConfig::default(),
             checkpoint: CheckpointConfig::default(),
+            blocks: BlocksConfig::default(),
+            self_check: SelfCheckConfig::default(),
         }
     }
 

@@ -26,6 +26,7 @@ use crate::checkpoint::{CheckpointError, CheckpointSigner};
 use crate::machine::StoreCell;
 use crate::node::NodeHandle;
 use crate::scan::{scan, ScanError};
+use crate::selfcheck::Integrity;
 use crate::state::{LedgerState, StoredTree};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
@@ -40,30 +41,54 @@ const READ_BARRIER: Duration = Duration::from_secs(5);
 pub struct LedgerFlight {
     store: StoreCell,
     node: NodeHandle,
-    signer: std::sync::Arc<tokio::sync::Mutex<CheckpointSigner>>,
+    signer: SharedSigner,
+    integrity: Integrity,
 }
 
+/// The node's checkpoint signer, shared by the Flight service and the block signer.
+pub type SharedSigner = std::sync::Arc<tokio::sync::Mutex<CheckpointSigner>>;
+
 impl LedgerFlight {
-    /// A Flight service over the node's state machine, signing checkpoints with `signer`.
-    pub fn new(store: StoreCell, node: NodeHandle, signer: CheckpointSigner) -> Self {
-        Self { store, node, signer: std::sync::Arc::new(tokio::sync::Mutex::new(signer)) }
+    /// A Flight service over the node's state machine, signing checkpoints with `signer` and
+    /// refusing reads of whatever `integrity` records as damaged.
+    pub fn new(store: StoreCell, node: NodeHandle, signer: SharedSigner, integrity: Integrity) -> Self {
+        Self { store, node, signer, integrity }
     }
 
-    /// Signs the checkpoint at the size asked (default: the tree's size) with this node's key.
+    /// Refuses a read that needs entries up to `end` (exclusive) if they are damaged here.
+    fn intact(&self, end: u64) -> Result<(), Status> {
+        self.integrity.check_range(end).map_err(|d| Status::data_loss(format!("{d}; read from another ledger node")))
+    }
+
+    /// Signs the checkpoint at the size asked (default: the last block's, or the tree's size
+    /// before the first block) with this node's key.
     async fn checkpoint(&self, req: &serde_json::Value) -> Result<serde_json::Value, Status> {
         let store = self.store.get();
         let ledger = Self::tree_size(&store)?;
-        let size = self.proof_size(req, "size", ledger)?;
-        let mut signer = self.signer.lock().await;
-        let note = signer.sign(&StoredTree(store.as_ref()), size).map_err(|e| match e {
+        let sealed = self.node.status().last_block.map(|b| b.tree_size).filter(|s| *s <= ledger);
+        let size = match (&req["size"], sealed) {
+            (serde_json::Value::Null, Some(s)) => s,
+            _ => self.proof_size(req, "size", ledger)?,
+        };
+        self.intact(size)?;
+        let signer = self.signer.clone();
+        let note = tokio::task::spawn_blocking(move || {
+            let mut signer = signer.blocking_lock();
+            let note = signer.sign(&StoredTree(store.as_ref()), size);
+            (note, signer.verifier().to_string(), signer.origin().to_string())
+        })
+        .await
+        .map_err(|e| Status::internal(format!("signing task: {e}")))?;
+        let (note, verifier_key, origin) = note;
+        let note = note.map_err(|e| match e {
             CheckpointError::Inconsistent { .. } => Status::failed_precondition(e.to_string()),
             other => Status::internal(other.to_string()),
         })?;
         Ok(serde_json::json!({
             "size": size,
             "note": note.encode(),
-            "verifier_key": signer.verifier().to_string(),
-            "origin": signer.origin(),
+            "verifier_key": verifier_key,
+            "origin": origin,
         }))
     }
 
@@ -119,6 +144,7 @@ impl LedgerFlight {
         let ledger = Self::tree_size(&store)?;
         let size = self.proof_size(req, "size", ledger)?;
         let index = req["index"].as_u64().ok_or_else(|| Status::invalid_argument("index must be a non-negative integer"))?;
+        self.intact(size)?;
         let tree = StoredTree(store.as_ref());
         let proof = merkle::inclusion_proof(&tree, index, size).map_err(tree_status)?;
         let root = merkle::root(&tree, size).map_err(|e| Status::data_loss(e.to_string()))?;
@@ -138,6 +164,7 @@ impl LedgerFlight {
         let ledger = Self::tree_size(&store)?;
         let second = self.proof_size(req, "second", ledger)?;
         let first = req["first"].as_u64().ok_or_else(|| Status::invalid_argument("first must be a non-negative integer"))?;
+        self.intact(second)?;
         let tree = StoredTree(store.as_ref());
         let proof = merkle::consistency_proof(&tree, first, second).map_err(tree_status)?;
         let r = |n| merkle::root(&tree, n).map_err(|e| Status::data_loss(e.to_string()));
@@ -148,6 +175,37 @@ impl LedgerFlight {
             "second_root": B64.encode(r(second)?),
             "proof": proof.iter().map(|h| B64.encode(h)).collect::<Vec<_>>(),
         }))
+    }
+
+    /// Block headers from `from` (height, default 0), at most `limit` (default and most 10000),
+    /// up to the damaged range if there is one.
+    fn blocks(&self, req: &serde_json::Value) -> Result<serde_json::Value, Status> {
+        let from = req["from"].as_u64().unwrap_or(0);
+        let limit = req["limit"].as_u64().unwrap_or(10_000).min(10_000) as usize;
+        let store = self.store.get();
+        let mut out = Vec::new();
+        let damaged = self.integrity.damage();
+        for r in store.blocks_from(from).map_err(|e| Status::internal(e.to_string()))?.take(limit) {
+            let (height, bytes) = r.map_err(|e| Status::internal(e.to_string()))?;
+            let b = custody_proto::block::BlockHeader::decode(&bytes).map_err(|e| Status::data_loss(format!("block {height}: {e}")))?;
+            if let Some(d) = &damaged {
+                if b.tree_size > d.from_index {
+                    break;
+                }
+            }
+            out.push(serde_json::json!({
+                "height": b.height,
+                "first_index": b.first_index,
+                "count": b.count,
+                "tree_size": b.tree_size,
+                "root": B64.encode(b.root),
+                "prev_hash": B64.encode(b.prev_hash),
+                "sealed_at_ns": b.sealed_at_ns,
+                "hash": B64.encode(b.hash()),
+                "header": B64.encode(b.encode()),
+            }));
+        }
+        Ok(serde_json::json!({ "blocks": out }))
     }
 
     fn ledger_state(&self) -> Result<LedgerState, Status> {
@@ -291,12 +349,13 @@ impl FlightService for LedgerFlight {
         let store = self.store.get();
         let size = self.ledger_state()?.next_index;
         let schema = schema_of(q.table);
+        let damage = self.integrity.damage();
         tokio::task::spawn_blocking(move || {
-            let r = scan(&store, size, &q, |batch| tx.blocking_send(Ok(batch)).is_ok());
+            let r = scan(&store, size, &q, damage.as_ref(), |batch| tx.blocking_send(Ok(batch)).is_ok());
             if let Err(e) = r {
                 warn!(error = %e, "flight scan failed");
                 let status = match &e {
-                    ScanError::Corrupt { .. } => Status::data_loss(e.to_string()),
+                    ScanError::Corrupt { .. } | ScanError::Damaged(_) => Status::data_loss(e.to_string()),
                     ScanError::Store(_) => Status::internal(e.to_string()),
                 };
                 let _ = tx.blocking_send(Err(FlightError::Tonic(Box::new(status))));
@@ -347,8 +406,12 @@ impl FlightService for LedgerFlight {
                 let root = merkle::root(&StoredTree(store.as_ref()), st.next_index).map_err(|e| Status::data_loss(e.to_string()))?;
                 let node = self.node.status();
                 let verifier_key = self.signer.lock().await.verifier().to_string();
+                let damage = self.integrity.damage();
                 let body = serde_json::json!({
                     "verifier_key": verifier_key,
+                    "blocks": node.last_block.map_or(0, |b| b.height + 1),
+                    "sealed_size": node.last_block.map_or(0, |b| b.tree_size),
+                    "damage": damage.as_ref().map(|d| serde_json::json!({"from_index": d.from_index, "reason": d.reason})),
                     "members": node.members.iter().map(|m| serde_json::json!({"id": m.id, "flight": format!("grpc://{}", m.client_addr)})).collect::<Vec<_>>(),
                     "size": st.next_index,
                     "head_hash": hex::encode(st.head),
@@ -374,6 +437,17 @@ impl FlightService for LedgerFlight {
                 let r = arrow_flight::Result::new(body.to_string());
                 Ok(Response::new(Box::pin(stream::once(async { Ok(r) }))))
             }
+            "blocks" => {
+                let req: serde_json::Value = if action.body.is_empty() {
+                    serde_json::json!({})
+                } else {
+                    serde_json::from_slice(&action.body).map_err(|e| Status::invalid_argument(format!("the action body must be JSON: {e}")))?
+                };
+                self.read_barrier(req["max_staleness_ms"].as_u64()).await?;
+                let body = self.blocks(&req)?;
+                let r = arrow_flight::Result::new(body.to_string());
+                Ok(Response::new(Box::pin(stream::once(async { Ok(r) }))))
+            }
             "inclusion_proof" | "consistency_proof" => {
                 let req: serde_json::Value = serde_json::from_slice(&action.body)
                     .map_err(|e| Status::invalid_argument(format!("the action body must be JSON: {e}")))?;
@@ -383,7 +457,7 @@ impl FlightService for LedgerFlight {
                 Ok(Response::new(Box::pin(stream::once(async { Ok(r) }))))
             }
             other => Err(Status::invalid_argument(format!(
-                "unknown action {other:?}; actions: status, checkpoint, inclusion_proof, consistency_proof"
+                "unknown action {other:?}; actions: status, checkpoint, blocks, inclusion_proof, consistency_proof"
             ))),
         }
     }
@@ -395,6 +469,7 @@ impl FlightService for LedgerFlight {
         let actions = [
             ("status", "ledger size, chain head and Merkle root as JSON"),
             ("checkpoint", "{\"size\": N} (optional): the C2SP checkpoint of the tree at N, signed by this node's key, with its verifier key"),
+            ("blocks", "{\"from\": H, \"limit\": N} (optional): block headers from height H, with their canonical bytes"),
             ("inclusion_proof", "{\"index\": I, \"size\": N}: the RFC 6962 inclusion proof of entry I in the tree of size N, with the entry's canonical bytes"),
             ("consistency_proof", "{\"first\": M, \"second\": N}: the RFC 6962 consistency proof between the trees of sizes M and N"),
         ]

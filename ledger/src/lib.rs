@@ -4,7 +4,7 @@
 //! - [`state`]: the deterministic core. `LedgerState::apply_append` assigns indices, links
 //!   the hash chain, applies each idempotency key once and folds session summaries.
 //! - [`machine`]: the replicated state machine. `LedgerMachine::apply` applies one committed
-//!   Raft command (appends, proxy leases, abandoned sessions) in one RocksDB write.
+//!   Raft command (appends, proxy leases, abandoned sessions, block seals) in one RocksDB write.
 //! - [`node`]: the Raft Ready loop (one thread owns the `RawNode`): proposals, group commit,
 //!   apply, ReadIndex, membership changes, snapshots.
 //! - [`raft_log`]: the Raft log on RocksDB (`raft::Storage`).
@@ -13,6 +13,9 @@
 //! - [`service`]: the gRPC API proxies and operators call (Append, Status, RenewLease,
 //!   membership).
 //! - [`flight`], [`scan`], [`table`]: Arrow Flight reads of `events`, `sessions`, `entries`.
+//! - [`checkpoint`]: this node's ed25519 key, and the rule that it never signs a contradiction.
+//! - [`verify`], [`selfcheck`]: the full check of a stored log (offline, and by a running
+//!   node at start-up and on a schedule, which stops serving a damaged range).
 //! - [`server`]: wires it together for the `custody-ledger` binary.
 //!
 //! **Architecture Invariant:** only this crate links RocksDB, and only `store` and
@@ -29,6 +32,7 @@ pub mod node;
 pub mod peer;
 pub mod raft_log;
 pub mod scan;
+pub mod selfcheck;
 pub mod server;
 pub mod service;
 pub mod state;

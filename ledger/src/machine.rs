@@ -13,7 +13,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
-use custody_proto::pb::ledger::{raft_command, AbandonCommand, AppendCommand, AppendResult, LeaseCommand, Member, RaftCommand};
+use custody_proto::block::BlockHeader;
+use custody_proto::pb::ledger::{raft_command, AbandonCommand, AppendCommand, AppendResult, LeaseCommand, Member, RaftCommand, SealCommand};
 use custody_proto::pb::v1::{event, Identity, Protocol, SessionEnd};
 use custody_proto::{Event, EventKind};
 use prost::Message;
@@ -27,6 +28,7 @@ const META_APPLIED: &[u8] = b"raft_applied";
 const META_CONF_STATE: &[u8] = b"raft_conf_state";
 const META_MEMBERS: &[u8] = b"members";
 const META_CLUSTER: &[u8] = b"cluster_id";
+const META_LAST_BLOCK: &[u8] = b"last_block";
 
 /// The store the machine writes, swappable when a snapshot replaces it. Readers take the
 /// current `Arc<Store>` and keep it for the length of a query.
@@ -96,6 +98,8 @@ pub enum Applied {
     },
     /// Sessions closed because a lease lapsed.
     Abandoned(u32),
+    /// Blocks sealed.
+    Sealed(u32),
 }
 
 /// The state machine of one ledger node.
@@ -109,6 +113,7 @@ pub struct LedgerMachine {
     removed: BTreeSet<u64>,
     leases: HashMap<String, Lease>,
     conf_state: Vec<u8>,
+    last_block: Option<BlockHeader>,
 }
 
 #[derive(Serialize, Deserialize, Default)]
@@ -137,6 +142,7 @@ impl LedgerMachine {
             removed: BTreeSet::new(),
             leases: HashMap::new(),
             conf_state: Vec::new(),
+            last_block: None,
         };
         m.reload()?;
         Ok(m)
@@ -178,6 +184,10 @@ impl LedgerMachine {
             })
             .collect();
         self.removed = rec.removed;
+        self.last_block = store
+            .get(cf::META, META_LAST_BLOCK)?
+            .map(|v| BlockHeader::decode(&v).map_err(|e| StoreError::Corrupt(format!("last block record: {e}"))))
+            .transpose()?;
         self.leases.clear();
         for kv in store.scan_prefix(cf::LEASES, b"")? {
             let (k, v) = kv?;
@@ -202,6 +212,16 @@ impl LedgerMachine {
     /// The ledger state after the last applied entry.
     pub fn state(&self) -> LedgerState {
         self.state
+    }
+
+    /// The last block sealed.
+    pub fn last_block(&self) -> Option<BlockHeader> {
+        self.last_block
+    }
+
+    /// Entries sealed into blocks.
+    pub fn sealed_size(&self) -> u64 {
+        self.last_block.map_or(0, |b| b.tree_size)
     }
 
     /// Index and term of the last applied Raft entry.
@@ -322,6 +342,7 @@ impl LedgerMachine {
         let mut overlay = Overlay::new(store.as_ref());
         let mut writes: Vec<Put> = Vec::new();
         let mut state = self.state;
+        let mut last_block = self.last_block;
         let outcome = match cmd.command {
             Some(raft_command::Command::Append(AppendCommand { commit_time_ns, groups })) => {
                 let mut outcomes = Vec::with_capacity(groups.len());
@@ -371,11 +392,32 @@ impl LedgerMachine {
                 }
                 _ => Applied::Nothing,
             },
+            Some(raft_command::Command::Seal(SealCommand { sealed_at_ns, ends })) => {
+                let mut last = last_block;
+                let mut sealed = 0;
+                for end in ends {
+                    // Ends already sealed (a retried or duplicate proposal) or beyond what
+                    // is stored are skipped, the same way on every replica.
+                    if end <= last.map_or(0, |b| b.tree_size) || end > state.next_index {
+                        continue;
+                    }
+                    let root = custody_proto::merkle::root(&crate::state::StoredTree(store.as_ref()), end)?;
+                    let Some(b) = BlockHeader::next(last.as_ref(), end, root, sealed_at_ns) else { continue };
+                    let bytes = b.encode();
+                    writes.push(Put::new(cf::BLOCKS, b.height.to_be_bytes().to_vec(), bytes.clone()));
+                    writes.push(Put::new(cf::META, META_LAST_BLOCK.to_vec(), bytes));
+                    last = Some(b);
+                    sealed += 1;
+                }
+                last_block = last;
+                Applied::Sealed(sealed)
+            }
             None => Applied::Nothing,
         };
         writes.push(self.applied_put(index, term));
         store.write(&writes, false)?;
         self.state = state;
+        self.last_block = last_block;
         self.applied_index = index;
         self.applied_term = term;
         Ok(outcome)
@@ -508,4 +550,83 @@ fn u64_at(v: &[u8], at: usize) -> u64 {
     let mut b = [0u8; 8];
     b.copy_from_slice(&v[at..at + 8]);
     u64::from_be_bytes(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use custody_proto::pb::ledger::AppendGroup;
+    use custody_proto::pb::v1::PgRequest;
+
+    fn append(n: u64, from_seq: u64) -> Vec<u8> {
+        let events = (from_seq..from_seq + n)
+            .map(|seq| {
+                let ev = Event {
+                    proxy_id: "p".into(),
+                    session_id: "s".into(),
+                    seq,
+                    kind: EventKind::Request as i32,
+                    body: Some(event::Body::PgRequest(PgRequest { message: "Query".into(), sql: format!("select {seq}"), ..Default::default() })),
+                    ..Default::default()
+                };
+                Bytes::from(ev.encode_to_vec())
+            })
+            .collect();
+        RaftCommand { command: Some(raft_command::Command::Append(AppendCommand { commit_time_ns: from_seq as i64, groups: vec![AppendGroup { events }] })) }.encode_to_vec()
+    }
+
+    fn seal(at: i64, ends: &[u64]) -> Vec<u8> {
+        RaftCommand { command: Some(raft_command::Command::Seal(SealCommand { sealed_at_ns: at, ends: ends.to_vec() })) }.encode_to_vec()
+    }
+
+    #[test]
+    fn replicas_applying_the_same_seals_hold_the_same_linked_blocks_and_repeats_change_nothing() {
+        let log: Vec<Vec<u8>> = vec![
+            append(5, 0),
+            seal(100, &[3, 5]),
+            append(4, 5),
+            // A repeat from a new leader, one end beyond the ledger, and a new end.
+            seal(200, &[5, 3, 20, 9]),
+            seal(300, &[9]),
+        ];
+        let mut headers = Vec::new();
+        for _ in 0..2 {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Arc::new(Store::open(dir.path()).unwrap());
+            let mut m = LedgerMachine::open(StoreCell::new(store.clone()), 1 << 20).unwrap();
+            for (i, d) in log.iter().enumerate() {
+                m.apply(i as u64 + 1, 1, d).unwrap();
+            }
+            let blocks: Vec<BlockHeader> = store.blocks_from(0).unwrap().map(|r| BlockHeader::decode(&r.unwrap().1).unwrap()).collect();
+            assert_eq!(blocks.iter().map(|b| (b.height, b.first_index, b.count)).collect::<Vec<_>>(), vec![(0, 0, 3), (1, 3, 2), (2, 5, 4)]);
+            for (i, b) in blocks.iter().enumerate() {
+                b.check_follows(i.checked_sub(1).map(|p| &blocks[p])).unwrap();
+                assert_eq!(b.root, m.tree_root(b.tree_size).unwrap());
+            }
+            assert_eq!(m.sealed_size(), 9);
+            // Reopened, the machine remembers its last block; the offline check passes.
+            drop(m);
+            let m = LedgerMachine::open(StoreCell::new(store.clone()), 1 << 20).unwrap();
+            assert_eq!(m.last_block(), blocks.last().copied());
+            crate::verify::verify_store(&store).unwrap();
+            headers.push(blocks);
+        }
+        assert_eq!(headers[0], headers[1], "both replicas sealed the same bytes");
+    }
+
+    #[test]
+    fn a_block_whose_root_does_not_match_the_entries_fails_the_offline_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let mut m = LedgerMachine::open(StoreCell::new(store.clone()), 1 << 20).unwrap();
+        m.apply(1, 1, &append(6, 0)).unwrap();
+        m.apply(2, 1, &seal(1, &[2, 4, 6])).unwrap();
+        let mut b1 = BlockHeader::decode(&store.get(cf::BLOCKS, &1u64.to_be_bytes()).unwrap().unwrap()).unwrap();
+        b1.root[0] ^= 1;
+        store.write(&[Put::new(cf::BLOCKS, 1u64.to_be_bytes().to_vec(), b1.encode())], true).unwrap();
+        let err = crate::verify::verify_store(&store).unwrap_err();
+        assert_eq!(err.index(), Some(2), "{err}");
+        // Block 2 no longer follows the altered block 1 either; the first fault is named.
+        assert!(err.to_string().contains("block 1"), "{err}");
+    }
 }

@@ -31,6 +31,16 @@ pub struct LedgerMetrics {
     pub commit_index: Gauge,
     /// Raft applied index.
     pub applied_index: Gauge,
+    /// Blocks sealed (the last block's height + 1).
+    pub blocks: Gauge,
+    /// Self-checks of the stored log that passed.
+    pub self_checks_passed: Counter,
+    /// Self-checks that found damage.
+    pub self_checks_failed: Counter,
+    /// First index a self-check found damaged (-1: none).
+    pub damaged_from: Gauge,
+    /// Checkpoints this node refused to sign because they contradict one it signed.
+    pub checkpoints_refused: Counter,
 }
 
 impl LedgerMetrics {
@@ -55,6 +65,14 @@ impl LedgerMetrics {
         registry.register("raft_is_leader", "1 if this node is the leader", Clone::clone(&is_leader));
         registry.register("raft_commit_index", "Raft commit index", Clone::clone(&commit_index));
         registry.register("raft_applied_index", "Raft applied index", Clone::clone(&applied_index));
+        let (blocks, damaged_from): (Gauge, Gauge) = Default::default();
+        let (self_checks_passed, self_checks_failed, checkpoints_refused): (Counter, Counter, Counter) = Default::default();
+        damaged_from.set(-1);
+        registry.register("blocks", "Blocks sealed", Clone::clone(&blocks));
+        registry.register("self_checks_passed", "Checks of the stored log against its tree, blocks and last signed checkpoint that passed", self_checks_passed.clone());
+        registry.register("self_checks_failed", "Checks of the stored log that found damage", self_checks_failed.clone());
+        registry.register("damaged_from_index", "First entry a self-check found damaged and that is no longer served (-1: none)", Clone::clone(&damaged_from));
+        registry.register("checkpoints_refused", "Checkpoints refused because they contradict one this node signed", checkpoints_refused.clone());
         Self {
             registry,
             events_appended,
@@ -68,6 +86,11 @@ impl LedgerMetrics {
             is_leader,
             commit_index,
             applied_index,
+            blocks,
+            self_checks_passed,
+            self_checks_failed,
+            damaged_from,
+            checkpoints_refused,
         }
     }
 

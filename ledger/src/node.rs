@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use custody_proto::pb::ledger::{raft_command, AbandonCommand, AppendCommand, AppendGroup, AppendResult, LeaseCommand, Member, RaftCommand, SnapshotDescriptor, SnapshotFile};
+use custody_proto::pb::ledger::{raft_command, AbandonCommand, AppendCommand, AppendGroup, AppendResult, LeaseCommand, Member, RaftCommand, SealCommand, SnapshotDescriptor, SnapshotFile};
 use prost::Message as _;
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message, MessageType, Snapshot};
@@ -143,6 +143,10 @@ pub struct NodeOptions {
     pub log_retain: u64,
     /// How often the leader looks for lapsed proxy leases.
     pub lease_check: Duration,
+    /// Seal a block once this many entries are unsealed (0: never seal).
+    pub block_max_entries: u64,
+    /// Seal a block once the oldest unsealed entry is this old.
+    pub block_max_delay: Duration,
     /// Test-only lies; see [`UnsafeFault`].
     pub unsafe_fault: UnsafeFault,
 }
@@ -163,6 +167,8 @@ impl NodeOptions {
             snapshot_interval: 50_000,
             log_retain: 5_000,
             lease_check: Duration::from_secs(1),
+            block_max_entries: 1024,
+            block_max_delay: Duration::from_secs(1),
             unsafe_fault: UnsafeFault::None,
         }
     }
@@ -269,6 +275,8 @@ pub struct NodeStatus {
     pub leader_contact: Option<Instant>,
     /// Merkle tree root at the ledger's size (`None` if it could not be read).
     pub tree_root: Option<custody_proto::merkle::Hash>,
+    /// The last block sealed.
+    pub last_block: Option<custody_proto::block::BlockHeader>,
     /// Set when the node stopped on a fault.
     pub fault: Option<String>,
 }
@@ -394,6 +402,10 @@ pub struct Node<T: Transport> {
     root_cache: std::cell::Cell<(u64, custody_proto::merkle::Hash)>,
     next_lease_check: Instant,
     abandon_in_flight: HashMap<String, Instant>,
+    /// The tree size this leader last proposed to seal up to, and when.
+    seal_in_flight: Option<(u64, Instant)>,
+    /// When this leader first saw entries that no block holds yet.
+    unsealed_since: Option<Instant>,
     retired: Vec<Arc<Store>>,
     removed_self: bool,
     stopping: bool,
@@ -533,6 +545,8 @@ impl<T: Transport> Node<T> {
             leader_contact: None,
             root_cache: std::cell::Cell::new((0, custody_proto::merkle::empty_root())),
             abandon_in_flight: HashMap::new(),
+            seal_in_flight: None,
+            unsealed_since: None,
             retired: Vec::new(),
             removed_self: false,
             stopping: false,
@@ -575,6 +589,7 @@ impl<T: Transport> Node<T> {
                 }
             }
             self.propose_pending();
+            self.propose_seal();
             if let Err(e) = self.on_ready() {
                 break Err(e);
             }
@@ -797,6 +812,51 @@ impl<T: Transport> Node<T> {
                 let _ = reply.send(Err(NodeError::Busy(format!("membership change refused: {e} (one change at a time; retry once the last one is applied)"))));
             }
         }
+    }
+
+    /// Leader: proposes sealing the entries no block holds yet, in blocks of at most
+    /// `block_max_entries`, once that many are waiting or the oldest has waited
+    /// `block_max_delay`. Apply skips what is already sealed, so a repeat is harmless.
+    fn propose_seal(&mut self) {
+        let max = self.opts.block_max_entries;
+        if max == 0 || !self.is_leader() {
+            self.unsealed_since = None;
+            return;
+        }
+        let now = Instant::now();
+        let size = self.machine.state().next_index;
+        let sealed = self.machine.sealed_size();
+        let from = match self.seal_in_flight {
+            Some((end, at)) if end > sealed && now.duration_since(at) < Duration::from_secs(5) => end,
+            _ => sealed,
+        };
+        if size <= from {
+            if size <= sealed {
+                self.unsealed_since = None;
+            }
+            return;
+        }
+        let since = *self.unsealed_since.get_or_insert(now);
+        let overdue = now.duration_since(since) >= self.opts.block_max_delay;
+        let mut ends = Vec::new();
+        let mut end = from;
+        while size - end >= max {
+            end += max;
+            ends.push(end);
+        }
+        if overdue && end < size {
+            ends.push(size);
+            end = size;
+        }
+        if ends.is_empty() {
+            return;
+        }
+        self.seal_in_flight = Some((end, now));
+        if end >= size {
+            self.unsealed_since = None;
+        }
+        let cmd = RaftCommand { command: Some(raft_command::Command::Seal(SealCommand { sealed_at_ns: now_ns(), ends })) };
+        self.propose(cmd, Waiter::None);
     }
 
     /// Leader chores on the tick: close sessions of lapsed leases; snapshots.
@@ -1162,6 +1222,7 @@ impl<T: Transport> Node<T> {
             removed: self.machine.removed().iter().copied().collect(),
             leader_contact: self.leader_contact,
             tree_root: self.tree_root(),
+            last_block: self.machine.last_block(),
             fault: None,
         };
         self.metrics.term.set(status.term as i64);
@@ -1170,6 +1231,7 @@ impl<T: Transport> Node<T> {
         self.metrics.commit_index.set(status.commit as i64);
         self.metrics.applied_index.set(status.applied as i64);
         self.metrics.size.set(self.machine.state().next_index as i64);
+        self.metrics.blocks.set(status.last_block.map_or(0, |b| b.height as i64 + 1));
         let _ = self.status_tx.send(status);
     }
 }

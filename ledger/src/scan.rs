@@ -19,6 +19,10 @@ pub enum ScanError {
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// This node's self-check found its log damaged from `from_index`; rows from there are
+    /// not served.
+    #[error("{0}; read from another ledger node")]
+    Damaged(crate::selfcheck::Damage),
     /// A stored entry could not be decoded: the range is damaged and is not served.
     #[error("entry {index} is corrupt and is not served: {reason}")]
     Corrupt {
@@ -58,16 +62,22 @@ fn lower_bound(store: &Store, mut lo: u64, mut hi: u64, t: i64) -> Result<u64, S
 }
 
 /// Runs `q` against `store`, whose committed size is `size`, handing each batch to `sink`.
-/// `sink` returns false to stop early (the reader went away).
+/// `sink` returns false to stop early (the reader went away). With `damage`, rows from its
+/// index on are refused (and session summaries, which rest on every entry, entirely).
 pub fn scan(
     store: &Store,
     size: u64,
     q: &TicketQuery,
+    damage: Option<&crate::selfcheck::Damage>,
     mut sink: impl FnMut(RecordBatch) -> bool,
 ) -> Result<(), ScanError> {
     let limit = q.limit.unwrap_or(u64::MAX);
+    let damaged_from = damage.map_or(u64::MAX, |d| d.from_index);
     match q.table {
         Table::Sessions => {
+            if let Some(d) = damage {
+                return Err(ScanError::Damaged(d.clone()));
+            }
             let mut rows = Vec::new();
             let mut n = 0u64;
             for v in store.values(cf::SESSIONS)? {
@@ -140,6 +150,10 @@ pub fn scan(
                             .map(|r| r.map_err(ScanError::from)),
                     ),
                 };
+            let indices = indices.map(|r| match (r, damage) {
+                (Ok((i, _)), Some(d)) if i >= damaged_from => Err(ScanError::Damaged(d.clone())),
+                (other, _) => other,
+            });
             let mut n = 0u64;
             if q.table == Table::Entries {
                 let mut rows = Vec::new();

@@ -16,7 +16,8 @@ use tokio::net::TcpListener;
 use tracing::{error, info, warn, Instrument};
 
 use crate::config::{JoinState, LedgerConfig};
-use crate::flight::LedgerFlight;
+use crate::flight::{LedgerFlight, SharedSigner};
+use crate::selfcheck::Integrity;
 use crate::layout::DataLayout;
 use crate::machine::{LedgerMachine, StoreCell};
 use crate::metrics::LedgerMetrics;
@@ -169,6 +170,8 @@ async fn run_node(cfg: LedgerConfig, shutdown: impl Future<Output = ()> + Send +
     opts.max_event_bytes = cfg.max_event_bytes;
     opts.snapshot_interval = c.snapshot_interval;
     opts.log_retain = c.log_retain;
+    opts.block_max_entries = cfg.blocks.max_entries;
+    opts.block_max_delay = std::time::Duration::from_millis(cfg.blocks.max_delay_ms);
     opts.unsafe_fault = c.unsafe_fault;
     if opts.unsafe_fault != crate::node::UnsafeFault::None {
         warn!(fault = ?opts.unsafe_fault, "UNSAFE TEST MODE: this node acknowledges appends it may lose");
@@ -208,17 +211,24 @@ async fn run_node(cfg: LedgerConfig, shutdown: impl Future<Output = ()> + Send +
         tokio::spawn(net.serve(listener));
     }
 
+    let integrity = Integrity::default();
     let service = LedgerService::new(
         &cfg.node_id,
         &c.name,
         &cfg.data_dir.display().to_string(),
         handle.clone(),
         AppendLimits { max_event_bytes: cfg.max_event_bytes, max_batch_events: 8192 },
-    );
+    )
+    .with_integrity(integrity.clone());
     let signer = crate::checkpoint::CheckpointSigner::open(&cfg.data_dir, &cfg.checkpoint_origin(), &cfg.node_id)
         .context("opening this node's checkpoint key")?;
     info!(key = %signer.verifier(), "checkpoint verifier key");
-    let flight = LedgerFlight::new(store, handle.clone(), signer);
+    let signer: SharedSigner = Arc::new(tokio::sync::Mutex::new(signer));
+    let flight = LedgerFlight::new(store.clone(), handle.clone(), signer.clone(), integrity.clone());
+    tokio::spawn(sign_blocks(handle.clone(), store.clone(), signer.clone(), integrity.clone(), metrics.clone()));
+    if cfg.self_check.on_start || cfg.self_check.interval_s > 0 {
+        tokio::spawn(self_checks(cfg.self_check.clone(), store.clone(), signer.clone(), integrity.clone(), metrics.clone()));
+    }
 
     let grpc = TcpListener::bind(cfg.listen)
         .await
@@ -235,7 +245,7 @@ async fn run_node(cfg: LedgerConfig, shutdown: impl Future<Output = ()> + Send +
         let _ = stop_on_signal.send(true);
     });
 
-    let app = health_routes(handle.clone(), metrics.clone());
+    let app = health_routes(handle.clone(), metrics.clone(), integrity.clone());
     let mut http_stop = stop_rx.clone();
     let http_task = tokio::spawn(async move {
         axum::serve(http, app)
@@ -316,23 +326,91 @@ fn spawn_loop<T: Transport>(node: Node<T>, rx: std::sync::mpsc::Receiver<crate::
     Ok(())
 }
 
-fn health_routes(node: crate::node::NodeHandle, metrics: Arc<LedgerMetrics>) -> axum::Router {
+/// Signs the checkpoint of every new block with this node's key, so that the node checks each
+/// block against the last checkpoint it signed (and alarms at once if they contradict), and a
+/// checkpoint at the latest block is always ready to be cosigned.
+async fn sign_blocks(node: crate::node::NodeHandle, store: crate::machine::StoreCell, signer: SharedSigner, integrity: Integrity, metrics: Arc<LedgerMetrics>) {
+    let mut rx = node.watch();
+    let mut signed: Option<u64> = None;
+    while rx.changed().await.is_ok() {
+        let Some(b) = rx.borrow_and_update().last_block else { continue };
+        if signed.is_some_and(|h| h >= b.height) || integrity.check_range(b.tree_size).is_err() {
+            continue;
+        }
+        signed = Some(b.height);
+        let store = store.get();
+        let signer = signer.clone();
+        let r = tokio::task::spawn_blocking(move || signer.blocking_lock().sign(&crate::state::StoredTree(store.as_ref()), b.tree_size).map(|_| ())).await;
+        match r {
+            Ok(Ok(())) => tracing::debug!(height = b.height, size = b.tree_size, "signed the checkpoint of block"),
+            // The signer logged the alarm.
+            Ok(Err(crate::checkpoint::CheckpointError::Inconsistent { .. })) => {
+                metrics.checkpoints_refused.inc();
+            }
+            Ok(Err(e)) => warn!(height = b.height, error = %e, "cannot sign the checkpoint of a block"),
+            Err(e) => warn!(error = %e, "block signing task failed"),
+        }
+    }
+}
+
+/// Checks the stored log at start-up (when asked) and then every `interval_s`.
+async fn self_checks(cfg: crate::config::SelfCheckConfig, store: crate::machine::StoreCell, signer: SharedSigner, integrity: Integrity, metrics: Arc<LedgerMetrics>) {
+    let interval = std::time::Duration::from_secs(cfg.interval_s);
+    if !cfg.on_start {
+        tokio::time::sleep(interval).await;
+    }
+    loop {
+        let signed = signer.lock().await.last_signed();
+        let store = store.get();
+        let i = integrity.clone();
+        match tokio::task::spawn_blocking(move || crate::selfcheck::run_check(&store, signed, &i)).await {
+            Ok(Ok(_)) => {
+                metrics.self_checks_passed.inc();
+            }
+            Ok(Err(d)) => {
+                metrics.self_checks_failed.inc();
+                metrics.damaged_from.set(integrity.damage().map_or(d.from_index, |d| d.from_index) as i64);
+            }
+            Err(e) => warn!(error = %e, "self-check task failed"),
+        }
+        if cfg.interval_s == 0 {
+            break;
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+fn health_routes(node: crate::node::NodeHandle, metrics: Arc<LedgerMetrics>, integrity: Integrity) -> axum::Router {
     let ready_node = node.clone();
     let status_node = node;
+    let ready_integrity = integrity.clone();
     axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/readyz",
             get(move || {
                 let st = ready_node.status();
-                async move { readiness(&st) }
+                let damage = ready_integrity.damage();
+                async move {
+                    match damage {
+                        Some(d) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {d}\n")),
+                        None => readiness(&st),
+                    }
+                }
             }),
         )
         .route(
             "/status",
             get(move || {
                 let st = status_node.status();
-                async move { axum::Json(status_json(&st)) }
+                let damage = integrity.damage();
+                let (checks, last_ok) = integrity.checks();
+                async move {
+                    let mut v = status_json(&st);
+                    v["damage"] = damage.map_or(serde_json::Value::Null, |d| serde_json::json!({"from_index": d.from_index, "reason": d.reason}));
+                    v["self_checks"] = serde_json::json!({"done": checks, "last_passed_size": last_ok});
+                    axum::Json(v)
+                }
             }),
         )
         .route(
@@ -373,6 +451,9 @@ pub fn status_json(st: &NodeStatus) -> serde_json::Value {
         "size": ledger.next_index,
         "head_hash": hex::encode(ledger.head),
         "tree_root": st.tree_root.map(hex::encode),
+        "blocks": st.last_block.map_or(0, |b| b.height + 1),
+        "sealed_size": st.last_block.map_or(0, |b| b.tree_size),
+        "last_block_hash": st.last_block.map(|b| hex::encode(b.hash())),
         "voters": st.voters,
         "learners": st.learners,
         "members": st.members.iter().map(|m| serde_json::json!({"id": m.id, "peer_addr": m.peer_addr, "client_addr": m.client_addr, "learner": m.learner})).collect::<Vec<_>>(),

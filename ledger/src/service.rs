@@ -39,6 +39,7 @@ pub struct LedgerService {
     data_dir: Arc<str>,
     node: NodeHandle,
     limits: AppendLimits,
+    integrity: crate::selfcheck::Integrity,
 }
 
 impl LedgerService {
@@ -50,7 +51,14 @@ impl LedgerService {
             data_dir: data_dir.into(),
             node,
             limits,
+            integrity: Default::default(),
         }
+    }
+
+    /// Reports the damage `integrity` records in `Status`.
+    pub fn with_integrity(mut self, integrity: crate::selfcheck::Integrity) -> Self {
+        self.integrity = integrity;
+        self
     }
 }
 
@@ -115,6 +123,10 @@ impl Ledger for LedgerService {
             members: st.members.clone(),
             log_first_index: st.log_first,
             log_last_index: st.log_last,
+            blocks: st.last_block.map_or(0, |b| b.height + 1),
+            sealed_size: st.last_block.map_or(0, |b| b.tree_size),
+            last_block_hash: st.last_block.map(|b| hex::encode(b.hash())).unwrap_or_default(),
+            damage: self.integrity.damage().map(|d| d.to_string()).unwrap_or_default(),
         }))
     }
 

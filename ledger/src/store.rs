@@ -30,8 +30,10 @@ pub mod cf {
     /// level (u8), index (u64 BE) -> SHA-256: the RFC 6962 Merkle tree over the entries,
     /// as the hash of every complete subtree (see `custody_proto::merkle`).
     pub const MERKLE: &str = "merkle";
+    /// height (u64 BE) -> the block header's canonical bytes (`custody_proto::block`).
+    pub const BLOCKS: &str = "blocks";
     /// All of them.
-    pub const ALL: [&str; 8] = [ENTRIES, IDEM, SESSIONS, BY_SESSION, META, OPEN_SESSIONS, LEASES, MERKLE];
+    pub const ALL: [&str; 9] = [ENTRIES, IDEM, SESSIONS, BY_SESSION, META, OPEN_SESSIONS, LEASES, MERKLE, BLOCKS];
 }
 
 /// A storage failure.
@@ -148,6 +150,16 @@ impl Store {
             let (k, v) = r?;
             let index = u64_key(&k)?;
             Ok((index, v.into_vec()))
+        }))
+    }
+
+    /// Block headers from `height` on, in order (raw bytes).
+    pub fn blocks_from(&self, height: u64) -> Result<impl Iterator<Item = Result<(u64, Vec<u8>), StoreError>> + '_, StoreError> {
+        let key = height.to_be_bytes();
+        let it = self.db.iterator_cf(self.cf(cf::BLOCKS)?, IteratorMode::From(&key, Direction::Forward));
+        Ok(it.map(|r| {
+            let (k, v) = r?;
+            Ok((u64_key(&k)?, v.into_vec()))
         }))
     }
 

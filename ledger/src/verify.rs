@@ -71,6 +71,27 @@ pub enum VerifyError {
         /// Entries.
         size: u64,
     },
+    /// A stored block header is malformed, does not follow the one before, or commits to a
+    /// root the entries do not give.
+    #[error("index {first_index}: block {height} (entries from {first_index}): {reason}")]
+    Block {
+        /// The block's height.
+        height: u64,
+        /// Its first entry (for a malformed header, the end of the block before).
+        first_index: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The entries do not give the root of a checkpoint this node signed.
+    #[error("the entries do not give the root this node signed for size {size} (signed {signed}, recomputed {computed}): entries before {size} were changed and the tree rewritten to match")]
+    CheckpointMismatch {
+        /// The signed size.
+        size: u64,
+        /// The root signed.
+        signed: String,
+        /// The root the entries give.
+        computed: String,
+    },
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -83,13 +104,21 @@ impl VerifyError {
             VerifyError::Chain(c) => Some(c.index()),
             VerifyError::Missing { index, .. } | VerifyError::TreeShort { index, .. } => Some(*index),
             VerifyError::TreeNodeMismatch { first, .. } => Some(*first),
+            VerifyError::Block { first_index, .. } => Some(*first_index),
             _ => None,
         }
     }
 }
 
-/// Walks `store` from index 0 and checks every link.
+/// Walks `store` from index 0 and checks every link: the hash chain, every stored Merkle
+/// node, and every block header.
 pub fn verify_store(store: &Store) -> Result<VerifyReport, VerifyError> {
+    verify_store_against(store, None)
+}
+
+/// [`verify_store`], and then the checkpoint this node signed last (`signed`: size and
+/// root): the entries must reach its size and give its root.
+pub fn verify_store_against(store: &Store, signed: Option<(u64, merkle::Hash)>) -> Result<VerifyReport, VerifyError> {
     // Read the recorded state without trusting it for the walk itself.
     let recorded = LedgerState::recorded(store)?.map(|s| (s.next_index, hex(&s.head)));
     let mut v = ChainVerifier::new();
@@ -133,6 +162,16 @@ pub fn verify_store(store: &Store) -> Result<VerifyReport, VerifyError> {
             return Err(VerifyError::TreeMismatch { size: stored_size, stored: hex(&stored), computed: hex(&computed) });
         }
     }
+    verify_blocks(store, &tree)?;
+    if let Some((size, root)) = signed {
+        if size > tree.size() {
+            return Err(VerifyError::Missing { index: tree.size(), size });
+        }
+        let computed = merkle::root(&tree, size).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        if computed != root {
+            return Err(VerifyError::CheckpointMismatch { size, signed: hex(&root), computed: hex(&computed) });
+        }
+    }
     if let Some((size, head)) = recorded {
         if v.next_index() < size {
             return Err(VerifyError::Missing {
@@ -153,6 +192,30 @@ pub fn verify_store(store: &Store) -> Result<VerifyReport, VerifyError> {
         head: hex(&v.head()),
         tree_root: hex(&tree.root()),
     })
+}
+
+/// Every stored block follows the one before and commits to the root the entries give.
+fn verify_blocks(store: &Store, tree: &MemoryTree) -> Result<(), VerifyError> {
+    let mut prev: Option<custody_proto::block::BlockHeader> = None;
+    for r in store.blocks_from(0)? {
+        let (height, bytes) = r?;
+        let at = prev.map_or(0, |p| p.tree_size);
+        let b = custody_proto::block::BlockHeader::decode(&bytes).map_err(|e| VerifyError::Block { height, first_index: at, reason: e.to_string() })?;
+        let bad = |reason: String| VerifyError::Block { height, first_index: b.first_index, reason };
+        if b.height != height {
+            return Err(bad(format!("stored under height {height} but says {}", b.height)));
+        }
+        b.check_follows(prev.as_ref()).map_err(|e| bad(e.to_string()))?;
+        if b.tree_size > tree.size() {
+            return Err(bad(format!("seals entries up to {}, but only {} are stored", b.tree_size, tree.size())));
+        }
+        let root = merkle::root(tree, b.tree_size).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        if root != b.root {
+            return Err(bad(format!("its root {} is not the root of the entries up to {} ({})", hex(&b.root), b.tree_size, hex(&root))));
+        }
+        prev = Some(b);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -7,11 +7,13 @@
 //! - [`pg`]: a sans-IO PostgreSQL v3 frame codec with explicit length limits.
 //! - [`entry`]: the ledger's canonical entry envelope and its hash chain.
 //! - [`merkle`]: the RFC 6962 Merkle tree over entries, with inclusion and consistency proofs.
+//! - [`block`]: block headers that seal ranges of entries and link by hash.
 //! - [`note`]: C2SP signed notes and tlog checkpoints, signed and verified with ed25519.
 //!
 //! **Architecture Invariant:** nothing in this crate performs I/O or reads a clock, so every
 //! decoder can be fuzzed directly (see `fuzz/`).
 
+pub mod block;
 pub mod entry;
 pub mod merkle;
 pub mod note;
