@@ -92,6 +92,13 @@ enum Cmd {
         /// Show every column in table output.
         #[arg(long)]
         all_columns: bool,
+        /// Prove every printed event is in a checkpoint signed by the pinned keys, and that
+        /// the row matches the proven entry; fail otherwise.
+        #[arg(long)]
+        verify: bool,
+        /// A pinned verifier key for --verify; repeatable (default: `ledger_keys` in the config).
+        #[arg(long = "key")]
+        keys: Vec<String>,
         /// Ledger Flight URL (default from config).
         #[arg(long)]
         flight: Option<String>,
@@ -115,9 +122,43 @@ enum Cmd {
         #[arg(long)]
         flight: Option<String>,
         /// A pinned verifier key; repeatable (default: `ledger_keys` in the config). Without
-        /// any, checkpoints are not checked.
+        /// any, checkpoints are not checked (and --offline refuses to run).
         #[arg(long = "key")]
         keys: Vec<String>,
+        /// Verify an export bundle (from `custody bundle`) instead of the live ledger.
+        #[arg(long, value_name = "DIR")]
+        offline: Option<PathBuf>,
+    },
+    /// Write an export bundle for offline verification: the signed checkpoint, entries (with
+    /// inclusion proofs for a partial range), block headers and consistency proofs.
+    Bundle {
+        /// Directory to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// First entry (default 0).
+        #[arg(long)]
+        from: Option<u64>,
+        /// End of the range, exclusive (default: the checkpoint's size).
+        #[arg(long)]
+        to: Option<u64>,
+        /// Add a consistency proof from this earlier tree size; repeatable.
+        #[arg(long)]
+        consistency_from: Vec<u64>,
+        /// A pinned verifier key; repeatable (default: `ledger_keys` in the config).
+        #[arg(long = "key")]
+        keys: Vec<String>,
+        /// Ledger Flight URL (default from config).
+        #[arg(long)]
+        flight: Option<String>,
+    },
+    /// Print the ledger's block headers, checked to link one to the next.
+    Blocks {
+        /// One JSON object per block, with its canonical header bytes.
+        #[arg(long)]
+        json: bool,
+        /// Ledger Flight URL (default from config).
+        #[arg(long)]
+        flight: Option<String>,
     },
     /// Print the ledger's latest checkpoint (C2SP signed note) exactly as signed, with one
     /// cosignature from each ledger node that answers.
@@ -140,7 +181,7 @@ enum Cmd {
 /// Options of `custody checkpoint`.
 #[derive(clap::Args)]
 struct CheckpointArgs {
-    /// Tree size to sign (default: the ledger's size now).
+    /// Tree size to sign (default: the last block's; the ledger's size before the first block).
     #[arg(long)]
     size: Option<u64>,
     /// A pinned verifier key (`name+keyid+base64`); repeat for each ledger node. Every
@@ -238,19 +279,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             custody::tunnel::run(opts, ctrl_c()).await
         }
-        Cmd::Events { filters, kind, format, all_columns, flight } => {
+        Cmd::Events { filters, kind, format, all_columns, verify, keys, flight } => {
             let url = flight_url(&cfg, flight)?;
-            custody::query::events(&url, &filters, kind.as_deref(), format, all_columns).await
+            if verify {
+                let keys = if keys.is_empty() { cfg.ledger_keys.clone() } else { keys };
+                custody::audit::events_verified(&url, &filters, kind.as_deref(), format, all_columns, &keys).await
+            } else {
+                custody::query::events(&url, &filters, kind.as_deref(), format, all_columns).await
+            }
         }
         Cmd::Sessions { filters, format, flight } => {
             let url = flight_url(&cfg, flight)?;
             custody::query::sessions(&url, &filters, format).await
         }
-        Cmd::Verify { flight, keys } => {
+        Cmd::Verify { flight, keys, offline } => {
+            let keys = if keys.is_empty() { cfg.ledger_keys.clone() } else { keys };
+            match offline {
+                Some(dir) => custody::audit::verify_offline(&dir, &keys),
+                None => custody::audit::verify(&flight_url(&cfg, flight)?, &keys).await,
+            }
+        }
+        Cmd::Bundle { out, from, to, consistency_from, keys, flight } => {
             let url = flight_url(&cfg, flight)?;
             let keys = if keys.is_empty() { cfg.ledger_keys.clone() } else { keys };
-            custody::query::verify(&url, &keys).await
+            custody::audit::bundle(&url, &out, from, to, &consistency_from, &keys).await
         }
+        Cmd::Blocks { json, flight } => custody::audit::blocks(&flight_url(&cfg, flight)?, json).await,
         Cmd::Checkpoint(a) => {
             let url = flight_url(&cfg, a.flight)?;
             let keys = if a.keys.is_empty() { cfg.ledger_keys.clone() } else { a.keys };

@@ -1,15 +1,14 @@
-//! `custody events`, `custody sessions` and `custody verify`: pull the record over Arrow
-//! Flight with the documented JSON ticket, and print it or check its hash chain.
+//! `custody events`, `custody sessions`, `custody checkpoint` and `custody proof`: pull the
+//! record over Arrow Flight with the documented JSON ticket, and print it. Verification is in
+//! [`crate::audit`].
 
 use std::io::Write;
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, Context};
 use arrow::array::{Array, AsArray, RecordBatch};
-use arrow::datatypes::UInt64Type;
 use arrow_flight::{FlightClient, Ticket};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-use custody_proto::entry::{hex, ChainVerifier};
 use custody_proto::merkle;
 use futures::TryStreamExt;
 use serde_json::{json, Map, Value};
@@ -114,7 +113,7 @@ pub async fn fetch(url: &str, ticket: &Value) -> anyhow::Result<Vec<RecordBatch>
     stream.try_collect().await.map_err(|e| anyhow!("reading Flight stream: {e}"))
 }
 
-const EVENT_TABLE_COLUMNS: [&str; 13] = [
+pub(crate) const EVENT_TABLE_COLUMNS: [&str; 13] = [
     "index", "commit_time", "session_id", "seq", "kind", "subject", "resource", "message", "sql", "params", "outcome",
     "command_tag", "rows",
 ];
@@ -238,12 +237,12 @@ fn flight_message(e: &arrow_flight::error::FlightError) -> String {
     }
 }
 
-fn b64_hash(v: &Value, what: &str) -> anyhow::Result<merkle::Hash> {
+pub(crate) fn b64_hash(v: &Value, what: &str) -> anyhow::Result<merkle::Hash> {
     let s = v.as_str().with_context(|| format!("{what} is missing"))?;
     B64.decode(s).ok().and_then(|b| b.try_into().ok()).with_context(|| format!("{what} is not a base64 SHA-256 hash"))
 }
 
-fn b64_hashes(v: &Value) -> anyhow::Result<Vec<merkle::Hash>> {
+pub(crate) fn b64_hashes(v: &Value) -> anyhow::Result<Vec<merkle::Hash>> {
     v.as_array().context("proof is missing")?.iter().enumerate().map(|(i, h)| b64_hash(h, &format!("proof hash {i}"))).collect()
 }
 
@@ -289,41 +288,6 @@ pub async fn consistency_proof(url: &str, first: u64, second: Option<u64>) -> an
     Ok(p)
 }
 
-/// Checks `cp` against the last checkpoint this machine verified for its origin: the same
-/// size must have the same root, and a consistency proof must link the two.
-async fn check_against_last_verified(url: &str, cp: &custody_proto::note::Checkpoint) -> anyhow::Result<()> {
-    let path = crate::config::verified_path(&cp.origin);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    };
-    let last = custody_proto::note::SignedNote::parse(&text).and_then(|n| custody_proto::note::Checkpoint::parse(&n.text)).with_context(|| format!("{} is not a checkpoint", path.display()))?;
-    if last.size > cp.size {
-        bail!("the ledger's checkpoint (size {}) is older than the one this machine verified before (size {}, in {}): the log shrank or this is another view of it", cp.size, last.size, path.display());
-    }
-    if last.size == cp.size {
-        anyhow::ensure!(last.root == cp.root, "FORK: size {} had root {} when this machine verified it, and now {}", cp.size, B64.encode(last.root), B64.encode(cp.root));
-        return Ok(());
-    }
-    let p = action(url, "consistency_proof", &json!({"first": last.size, "second": cp.size})).await?;
-    merkle::verify_consistency(last.size, cp.size, &last.root, &cp.root, &b64_hashes(&p["proof"])?)
-        .map_err(|e| anyhow!("HISTORY REWRITTEN: the checkpoint at size {} does not extend the one verified before at size {}: {e}", cp.size, last.size))
-}
-
-fn save_verified(origin: &str, note: &str) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = crate::config::verified_path(origin);
-    if let Some(d) = path.parent() {
-        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-    }
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(note.as_bytes()).and_then(|_| f.sync_all()).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
-}
-
 /// `custody checkpoint`: asks every ledger node to sign the checkpoint at one size, checks
 /// that they sign the same text, and returns one note with all their signatures. With
 /// `pinned` keys, every signature by a pinned key must verify and one must be present;
@@ -333,9 +297,11 @@ pub async fn checkpoint(url: &str, size: Option<u64>, pinned: &[String]) -> anyh
     use custody_proto::note::{SignedNote, VerifierKey};
     let pinned: Vec<VerifierKey> = pinned.iter().map(|k| VerifierKey::parse(k).with_context(|| format!("--key {k}"))).collect::<Result<_, _>>()?;
     let status = action(url, "status", &json!({})).await?;
-    let size = match size {
-        Some(s) => s,
-        None => status["size"].as_u64().context("the ledger's status has no size")?,
+    // By default the last block's tree: every node has signed it already, or will at once.
+    let size = match (size, status["sealed_size"].as_u64()) {
+        (Some(s), _) => s,
+        (None, Some(s)) if s > 0 => s,
+        (None, _) => status["size"].as_u64().context("the ledger's status has no size")?,
     };
     let mut nodes: Vec<String> = status["members"].as_array().into_iter().flatten().filter_map(|m| m["flight"].as_str().map(str::to_string)).collect();
     if nodes.is_empty() {
@@ -380,84 +346,4 @@ pub async fn checkpoint(url: &str, size: Option<u64>, pinned: &[String]) -> anyh
         eprintln!("custody: verified signatures by {} of {} pinned keys", signed.len(), pinned.len());
     }
     Ok(note.encode())
-}
-
-/// `custody verify`: pulls every entry and checks indices and the hash chain, then compares
-/// the head and the Merkle root with what the ledger reports.
-pub async fn verify(url: &str, keys: &[String]) -> anyhow::Result<()> {
-    // The signed head first, so that the entries pulled below are checked against it.
-    let signed = if keys.is_empty() {
-        eprintln!("custody: warning: no pinned ledger keys (--key, or ledger_keys in the config): checkpoints are not checked");
-        None
-    } else {
-        let note = checkpoint(url, None, keys).await?;
-        let parsed = custody_proto::note::SignedNote::parse(&note)?;
-        let cp = custody_proto::note::Checkpoint::parse(&parsed.text)?;
-        check_against_last_verified(url, &cp).await?;
-        Some((cp, note))
-    };
-    let status = action(url, "status", &json!({})).await?;
-    let size = status["size"].as_u64().unwrap_or(0);
-    // Only the entries the status covers: appends may go on during the pull.
-    let batches = if size == 0 { Vec::new() } else { fetch(url, &json!({"table": "entries", "limit": size})).await? };
-    let mut v = ChainVerifier::new();
-    let mut tree = merkle::MemoryTree::new();
-    for b in &batches {
-        let (Some(idx), Some(entries)) = (
-            b.column_by_name("index").and_then(|c| c.as_primitive_opt::<UInt64Type>()),
-            b.column_by_name("entry").and_then(|c| c.as_binary_opt::<i32>()),
-        ) else {
-            bail!("the ledger's entries table does not have the expected (index u64, entry binary) columns");
-        };
-        for i in 0..b.num_rows() {
-            let index = idx.value(i);
-            if index != v.next_index() {
-                bail!(
-                    "index {}: entry missing (next entry served is {index}); the log was truncated or an entry deleted",
-                    v.next_index()
-                );
-            }
-            if entries.is_null(i) {
-                bail!("index {index}: entry has no bytes");
-            }
-            v.push(entries.value(i)).map_err(|e| anyhow!("{e}"))?;
-            tree.push(merkle::leaf_hash(entries.value(i)));
-        }
-    }
-    if v.next_index() != size {
-        bail!(
-            "index {}: the ledger reports {size} entries but served {}",
-            v.next_index(),
-            v.next_index()
-        );
-    }
-    let head = hex(&v.head());
-    if size > 0 && status["head_hash"].as_str() != Some(head.as_str()) {
-        bail!("chain head mismatch: ledger reports {}, entries hash to {head}", status["head_hash"]);
-    }
-    let root = tree.root();
-    if b64_hash(&status["tree_root"], "the ledger's tree_root")? != root {
-        bail!("merkle root mismatch at size {size}: the ledger reports {}, its entries give {}", status["tree_root"], B64.encode(root));
-    }
-    if let Some((cp, note)) = &signed {
-        // The entries pulled cover the checkpoint's tree: its root must be theirs.
-        anyhow::ensure!(cp.size <= size, "the checkpoint covers {} entries, the ledger served {size}", cp.size);
-        let mut prefix = merkle::MemoryTree::new();
-        let mut n = 0u64;
-        'outer: for b in &batches {
-            let Some(entries) = b.column_by_name("entry").and_then(|c| c.as_binary_opt::<i32>()) else { break };
-            for i in 0..b.num_rows() {
-                if n == cp.size {
-                    break 'outer;
-                }
-                prefix.push(merkle::leaf_hash(entries.value(i)));
-                n += 1;
-            }
-        }
-        anyhow::ensure!(prefix.root() == cp.root, "the signed checkpoint's root at size {} is not the root of the entries the ledger served", cp.size);
-        save_verified(&cp.origin, note)?;
-        println!("ok: signed checkpoint at size {} verified and consistent with the last one this machine verified", cp.size);
-    }
-    println!("ok: {size} entries verified; chain head {head}; merkle root {}", B64.encode(root));
-    Ok(())
 }

@@ -365,7 +365,13 @@ impl LedgerCluster {
             for id in self.running() {
                 if let Ok(s) = self.status(id) {
                     // The chain head and the Merkle root both, so replicas agree on the tree too.
-                    let head = format!("{} {}", s["head_hash"].as_str().unwrap_or(""), s["tree_root"].as_str().unwrap_or("no tree root"));
+                    // And the same blocks.
+                    let head = format!(
+                        "{} {} {}",
+                        s["head_hash"].as_str().unwrap_or(""),
+                        s["tree_root"].as_str().unwrap_or("no tree root"),
+                        s["last_block_hash"].as_str().unwrap_or("no block")
+                    );
                     seen.push((s["size"].as_u64().unwrap_or(0), head, s["commit_index"].as_u64(), s["applied_index"].as_u64()));
                 }
             }

@@ -52,6 +52,50 @@ fn node_entries(node: &custody_e2e::cluster::ClusterNode) -> Vec<serde_json::Val
     })
 }
 
+/// Waits until every running node has sealed exactly `size` entries into blocks, and returns
+/// the blocks as `custody blocks --json` prints them (the same on every node).
+fn wait_sealed(c: &LedgerCluster, size: u64) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let sealed: Vec<u64> = c.running().iter().map(|id| c.status(*id).map(|s| s["sealed_size"].as_u64().unwrap_or(0)).unwrap_or(0)).collect();
+        if sealed.iter().all(|s| *s == size) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "nodes did not seal {size} entries: {sealed:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut seen = Vec::new();
+    for id in c.running() {
+        let out = custody_cmd(&c.dir.join("home"), None).args(["blocks", "--json", "--flight", &c.nodes[&id].flight()]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        seen.push(String::from_utf8(out.stdout).unwrap());
+    }
+    assert!(seen.iter().all(|s| *s == seen[0]), "every node holds the same blocks: {seen:?}");
+    seen[0].lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// Waits until node `id` follows a leader and has applied everything committed.
+fn wait_rejoined(c: &LedgerCluster, id: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(st) = c.status(id) {
+            if st["leader_id"].as_u64().unwrap_or(0) != 0 && st["applied_index"] == st["commit_index"] {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "node {id} did not rejoin");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Every running node's verifier key, as it publishes it.
+fn node_keys(c: &LedgerCluster) -> Vec<String> {
+    c.running()
+        .into_iter()
+        .map(|id| rt().block_on(custody::query::action(&c.nodes[&id].flight(), "status", &serde_json::json!({}))).unwrap()["verifier_key"].as_str().unwrap().to_string())
+        .collect()
+}
+
 /// A scratch directory, kept after the test when `CUSTODY_KEEP_TEST_DIRS` is set (for the logs).
 fn scratch(name: &str) -> tempfile::TempDir {
     let mut d = tempfile::Builder::new().prefix(&format!("custody-cluster-{name}-")).tempdir().unwrap();
@@ -89,10 +133,13 @@ fn three_nodes_replicate_survive_the_leader_s_death_and_report_health() {
     assert_ne!(new_leader, leader);
     assert!(c.status(new_leader).unwrap()["term"].as_u64().unwrap() > st["term"].as_u64().unwrap());
 
-    // The old leader comes back and catches up; every node holds the same 200 events.
+    // The old leader comes back and catches up; every node holds the same 200 events, sealed
+    // into the same blocks.
     c.restart(leader).unwrap();
     let (size, _) = c.wait_converged(Duration::from_secs(30)).unwrap();
     assert_eq!(size, 200);
+    let blocks = wait_sealed(&c, 200);
+    assert!(!blocks.is_empty() && blocks.last().unwrap()["tree_size"] == 200, "{blocks:?}");
     let reference = node_entries(&c.nodes[&new_leader]);
     for id in c.running() {
         let e = node_entries(&c.nodes[&id]);
@@ -125,11 +172,7 @@ fn three_nodes_replicate_survive_the_leader_s_death_and_report_health() {
     let cp = custody_proto::note::Checkpoint::parse(&note.text).unwrap();
     assert_eq!((cp.size, custody_proto::entry::hex(&cp.root)), (200, root.clone()));
     assert_eq!(note.signatures.len(), 3, "{note:?}");
-    let keys: Vec<String> = c
-        .running()
-        .into_iter()
-        .map(|id| rt().block_on(custody::query::action(&c.nodes[&id].flight(), "status", &serde_json::json!({}))).unwrap()["verifier_key"].as_str().unwrap().to_string())
-        .collect();
+    let keys = node_keys(&c);
     let parsed: Vec<custody_proto::note::VerifierKey> = keys.iter().map(|k| custody_proto::note::VerifierKey::parse(k).unwrap()).collect();
     assert_eq!(note.verify(&parsed).unwrap().len(), 3);
     let mut args = vec!["checkpoint".to_string(), "--size".into(), "150".into(), "--flight".into(), c.nodes[&leader].flight()];
@@ -148,6 +191,7 @@ fn three_nodes_replicate_survive_the_leader_s_death_and_report_health() {
     let out = custody_cmd(&home, None).args(&verify_args).output().unwrap();
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("signed checkpoint at size 200 verified"), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     append_n(&urls, "c", 0, 5);
+    wait_sealed(&c, 205);
     let out = custody_cmd(&home, None).args(&verify_args).output().unwrap();
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("at size 205 verified"), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     let saved = std::fs::read_dir(home.join("verified")).unwrap().next().unwrap().unwrap().path();
@@ -169,6 +213,156 @@ fn three_nodes_replicate_survive_the_leader_s_death_and_report_health() {
     let out = Command::new(bin("custody-ledger")).args(["status", "--endpoint", &c.nodes[&leader].url()]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("role") && text.contains(&format!("leader {new_leader}")), "{text}");
+}
+
+/// Runs `custody` with `args` and pinned `keys`; returns (success, stdout + stderr).
+fn custody_keyed(home: &std::path::Path, args: &[&str], keys: &[String]) -> (bool, String) {
+    let mut cmd = custody_cmd(home, None);
+    cmd.args(args);
+    for k in keys {
+        cmd.args(["--key", k]);
+    }
+    let out = cmd.output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn a_tampered_node_is_named_by_verify_and_stops_serving_the_damaged_range_itself() {
+    use custody_ledger::store::{cf, Put, Store};
+    let dir = scratch("tamper");
+    let opts = ClusterOptions { extra: "[blocks]\nmax_entries = 16\nmax_delay_ms = 200\n".into(), ..Default::default() };
+    let mut c = LedgerCluster::start(dir.path(), 3, opts).unwrap();
+    append_n(&c.urls(), "t", 0, 60);
+    c.wait_converged(Duration::from_secs(30)).unwrap();
+    let blocks = wait_sealed(&c, 60);
+    assert_eq!(blocks.iter().map(|b| b["count"].as_u64().unwrap()).collect::<Vec<_>>(), vec![16, 16, 16, 12], "blocks of N entries, then the rest after T ms");
+    let keys = node_keys(&c);
+    let flight3 = c.nodes[&3].flight();
+    let (ok, out) = custody_keyed(&dir.path().join("home-honest"), &["verify", "--flight", &flight3], &keys);
+    assert!(ok && out.contains("60 entries verified; 4 blocks"), "{out}");
+
+    // Offline: a bundle of the whole log, and one of a range with inclusion proofs.
+    let bundle = dir.path().join("bundle");
+    let (ok, out) = custody_keyed(&dir.path().join("home-honest"), &["bundle", "--out", bundle.to_str().unwrap(), "--flight", &flight3], &keys);
+    assert!(ok, "{out}");
+    let (ok, out) = custody_keyed(&dir.path().join("home-offline"), &["verify", "--offline", bundle.to_str().unwrap()], &keys);
+    assert!(ok && out.contains("entries 0..60 verified offline") && out.contains("4 blocks checked"), "{out}");
+    let part = dir.path().join("bundle-part");
+    let (ok, out) = custody_keyed(&dir.path().join("home-honest"), &["bundle", "--out", part.to_str().unwrap(), "--from", "10", "--to", "30", "--flight", &flight3], &keys);
+    assert!(ok, "{out}");
+    let (ok, out) = custody_keyed(&dir.path().join("home-offline"), &["verify", "--offline", part.to_str().unwrap()], &keys);
+    assert!(ok && out.contains("entries 10..30 verified offline (20 with inclusion proofs)"), "{out}");
+    // A bundle whose entry was edited after export fails offline, naming it.
+    let lines = std::fs::read_to_string(part.join("entries.jsonl")).unwrap();
+    let mut l: Vec<serde_json::Value> = lines.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut e = b64.decode(l[5]["entry"].as_str().unwrap()).unwrap();
+    let n = e.len();
+    e[n - 1] ^= 1;
+    l[5]["entry"] = b64.encode(&e).into();
+    std::fs::write(part.join("entries.jsonl"), l.iter().map(|v| format!("{v}\n")).collect::<String>()).unwrap();
+    let (ok, out) = custody_keyed(&dir.path().join("home-offline"), &["verify", "--offline", part.to_str().unwrap()], &keys);
+    assert!(!ok && out.contains("index 15: the entry is not in the signed checkpoint"), "{out}");
+    // Without pinned keys a bundle proves nothing, and says so.
+    let (ok, out) = custody_keyed(&dir.path().join("home-offline"), &["verify", "--offline", bundle.to_str().unwrap()], &[]);
+    assert!(!ok && out.contains("needs pinned ledger keys"), "{out}");
+    // events --verify proves what it prints.
+    let (ok, out) = custody_keyed(&dir.path().join("home-honest"), &["events", "--verify", "--session", "t", "--flight", &flight3], &keys);
+    assert!(ok && out.contains("verified: 60 events are in the checkpoint"), "{out}");
+
+    // Node 3 stops; its state machine's files are kept to restore between the cases (only
+    // those: its Raft log must never go back, or it would forget entries it acknowledged).
+    c.kill(3);
+    let data3 = c.nodes[&3].data.clone();
+    let state_dir = data3.join(std::fs::read_to_string(data3.join("STATE")).unwrap().trim());
+    let pristine = dir.path().join("node-3-state-pristine");
+    assert!(Command::new("cp").arg("-a").arg(&state_dir).arg(&pristine).status().unwrap().success());
+    let config3 = std::fs::read_to_string(&c.nodes[&3].config).unwrap();
+    type Tamper = Box<dyn Fn(&Store)>;
+    let cases: Vec<(&str, u64, Tamper)> = vec![
+        (
+            "an event's bytes changed",
+            20,
+            Box::new(|s: &Store| {
+                let mut e = s.entry(20).unwrap().unwrap();
+                let n = e.len();
+                e[n - 1] ^= 1;
+                s.raw_put_entry(20, Some(&e)).unwrap();
+            }),
+        ),
+        ("an event deleted", 20, Box::new(|s: &Store| s.raw_put_entry(20, None).unwrap())),
+        (
+            "two events swapped",
+            20,
+            Box::new(|s: &Store| {
+                let (a, b) = (s.entry(20).unwrap().unwrap(), s.entry(21).unwrap().unwrap());
+                s.raw_put_entry(20, Some(&b)).unwrap();
+                s.raw_put_entry(21, Some(&a)).unwrap();
+            }),
+        ),
+        (
+            "the log truncated to 50 entries, with its recorded end rewritten to match",
+            50,
+            Box::new(|s: &Store| {
+                for i in 50..60 {
+                    s.raw_put_entry(i, None).unwrap();
+                }
+                let last = s.entry(49).unwrap().unwrap();
+                let mut state = 50u64.to_be_bytes().to_vec();
+                state.extend_from_slice(&custody_proto::entry::entry_hash(&last));
+                state.extend_from_slice(&0i64.to_be_bytes());
+                s.write(&[Put::new(cf::META, b"state".to_vec(), state)], true).unwrap();
+            }),
+        ),
+    ];
+    for (what, index, tamper) in &cases {
+        let _ = std::fs::remove_dir_all(&state_dir);
+        assert!(Command::new("cp").arg("-a").arg(&pristine).arg(&state_dir).status().unwrap().success());
+        {
+            let s = Store::open(&state_dir).unwrap();
+            tamper(&s);
+        }
+        // Served as it is (the node's own check off): custody verify names the index.
+        std::fs::write(&c.nodes[&3].config, format!("{config3}\n[self_check]\non_start = false\ninterval_s = 0\n")).unwrap();
+        c.restart(3).unwrap();
+        wait_rejoined(&c, 3);
+        let home = dir.path().join(format!("home-{index}-{}", what.len()));
+        let (ok, out) = custody_keyed(&home, &["verify", "--flight", &flight3], &keys);
+        assert!(!ok && out.contains(&format!("index {index}")), "{what}: custody verify must fail naming index {index}: {out}");
+        c.kill(3);
+        // With its self-check on (the default), the node finds the damage itself, refuses
+        // reads from there, and says so in /readyz, /status and its metrics.
+        std::fs::write(&c.nodes[&3].config, &config3).unwrap();
+        c.restart(3).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let st = loop {
+            let st = c.status(3).unwrap();
+            if !st["damage"].is_null() {
+                break st;
+            }
+            assert!(Instant::now() < deadline, "{what}: node 3 did not report damage: {st}");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert_eq!(st["damage"]["from_index"].as_u64(), Some(*index), "{what}: {st}");
+        wait_rejoined(&c, 3);
+        let ready = http_get(c.nodes[&3].http, "/readyz").unwrap_or_default();
+        assert!(ready.contains("failed this node's self-check"), "{what}: {ready}");
+        assert!(http_get(c.nodes[&3].http, "/metrics").unwrap().contains(&format!("custody_ledger_damaged_from_index {index}")), "{what}");
+        let refused = rt().block_on(custody::query::fetch(&flight3, &serde_json::json!({"table": "events"})));
+        let err = match refused {
+            Ok(b) => panic!("{what}: damaged entries are served: {} rows", b.iter().map(|b| b.num_rows()).sum::<usize>()),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(err.contains(&format!("entries from index {index} failed this node's self-check")), "{what}: {err}");
+        let before = rt().block_on(custody::query::fetch(&flight3, &serde_json::json!({"table": "entries", "limit": index}))).unwrap();
+        assert_eq!(before.iter().map(|b| b.num_rows() as u64).sum::<u64>(), *index, "{what}: entries before the damage are still served");
+        let (ok, out) = custody_keyed(&dir.path().join("home-honest"), &["checkpoint", "--size", "60", "--flight", &flight3], &keys);
+        assert!(ok && out.contains("2 of 3 pinned keys"), "{what}: the damaged node does not cosign: {out}");
+        c.kill(3);
+    }
+    // The healthy majority never stopped.
+    append_n(&c.urls(), "u", 0, 5);
 }
 
 #[test]

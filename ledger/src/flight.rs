@@ -159,6 +159,33 @@ impl LedgerFlight {
         }))
     }
 
+    /// Inclusion proofs of many entries in one tree: `{"indices": [...], "size": N}`, at most
+    /// 1000 indices.
+    fn inclusions(&self, req: &serde_json::Value) -> Result<serde_json::Value, Status> {
+        let store = self.store.get();
+        let ledger = Self::tree_size(&store)?;
+        let size = self.proof_size(req, "size", ledger)?;
+        let indices = req["indices"].as_array().ok_or_else(|| Status::invalid_argument("indices must be an array of entry indices"))?;
+        if indices.len() > 1000 {
+            return Err(Status::invalid_argument(format!("at most 1000 indices per request, got {}", indices.len())));
+        }
+        self.intact(size)?;
+        let tree = StoredTree(store.as_ref());
+        let root = merkle::root(&tree, size).map_err(|e| Status::data_loss(e.to_string()))?;
+        let mut proofs = Vec::with_capacity(indices.len());
+        for i in indices {
+            let index = i.as_u64().ok_or_else(|| Status::invalid_argument("indices must be non-negative integers"))?;
+            let proof = merkle::inclusion_proof(&tree, index, size).map_err(tree_status)?;
+            let entry = store.entry(index).map_err(|e| Status::data_loss(e.to_string()))?.ok_or_else(|| Status::data_loss(format!("entry {index} is missing")))?;
+            proofs.push(serde_json::json!({
+                "index": index,
+                "entry": B64.encode(&entry),
+                "proof": proof.iter().map(|h| B64.encode(h)).collect::<Vec<_>>(),
+            }));
+        }
+        Ok(serde_json::json!({ "size": size, "root": B64.encode(root), "proofs": proofs }))
+    }
+
     fn consistency(&self, req: &serde_json::Value) -> Result<serde_json::Value, Status> {
         let store = self.store.get();
         let ledger = Self::tree_size(&store)?;
@@ -448,16 +475,20 @@ impl FlightService for LedgerFlight {
                 let r = arrow_flight::Result::new(body.to_string());
                 Ok(Response::new(Box::pin(stream::once(async { Ok(r) }))))
             }
-            "inclusion_proof" | "consistency_proof" => {
+            "inclusion_proof" | "inclusion_proofs" | "consistency_proof" => {
                 let req: serde_json::Value = serde_json::from_slice(&action.body)
                     .map_err(|e| Status::invalid_argument(format!("the action body must be JSON: {e}")))?;
                 self.read_barrier(req["max_staleness_ms"].as_u64()).await?;
-                let body = if action.r#type == "inclusion_proof" { self.inclusion(&req)? } else { self.consistency(&req)? };
+                let body = match action.r#type.as_str() {
+                    "inclusion_proof" => self.inclusion(&req)?,
+                    "inclusion_proofs" => self.inclusions(&req)?,
+                    _ => self.consistency(&req)?,
+                };
                 let r = arrow_flight::Result::new(body.to_string());
                 Ok(Response::new(Box::pin(stream::once(async { Ok(r) }))))
             }
             other => Err(Status::invalid_argument(format!(
-                "unknown action {other:?}; actions: status, checkpoint, blocks, inclusion_proof, consistency_proof"
+                "unknown action {other:?}; actions: status, checkpoint, blocks, inclusion_proof, inclusion_proofs, consistency_proof"
             ))),
         }
     }
@@ -471,6 +502,7 @@ impl FlightService for LedgerFlight {
             ("checkpoint", "{\"size\": N} (optional): the C2SP checkpoint of the tree at N, signed by this node's key, with its verifier key"),
             ("blocks", "{\"from\": H, \"limit\": N} (optional): block headers from height H, with their canonical bytes"),
             ("inclusion_proof", "{\"index\": I, \"size\": N}: the RFC 6962 inclusion proof of entry I in the tree of size N, with the entry's canonical bytes"),
+            ("inclusion_proofs", "{\"indices\": [I, ...], \"size\": N}: inclusion proofs of up to 1000 entries in the tree of size N, with their canonical bytes"),
             ("consistency_proof", "{\"first\": M, \"second\": N}: the RFC 6962 consistency proof between the trees of sizes M and N"),
         ]
         .map(|(t, d)| Ok(ActionType { r#type: t.into(), description: d.into() }));

@@ -170,6 +170,7 @@ pub fn scan(
                         break;
                     }
                 }
+                refuse_if_short(damage, n, limit, hi)?;
                 if !rows.is_empty() {
                     sink(entries_batch(&rows));
                 }
@@ -204,11 +205,21 @@ pub fn scan(
                     break;
                 }
             }
+            refuse_if_short(damage, n, limit, hi)?;
             if !b.is_empty() {
                 sink(b.finish());
             }
             Ok(())
         }
+    }
+}
+
+/// A scan that ran out of entries (rather than reaching its limit) before its range's end `hi`
+/// would end at the damaged range silently, with entries the node lost left out: refuse it.
+fn refuse_if_short(damage: Option<&crate::selfcheck::Damage>, n: u64, limit: u64, hi: u64) -> Result<(), ScanError> {
+    match damage {
+        Some(d) if n < limit && hi >= d.from_index => Err(ScanError::Damaged(d.clone())),
+        _ => Ok(()),
     }
 }
 

@@ -93,6 +93,10 @@ pub fn run_check(store: &Store, signed: Option<(u64, Hash)>, integrity: &Integri
             // damage too, but not localised.
             Err(Damage { from_index: 0, reason: format!("reading the log failed: {e}"), found_at: SystemTime::now() })
         }
+        // A broken link at k means entry k-1 or k changed: neither is served.
+        Err(e @ VerifyError::Chain(custody_proto::entry::ChainError::BrokenLink { .. })) => {
+            Err(Damage { from_index: e.index().unwrap_or(0).saturating_sub(1), reason: e.to_string(), found_at: SystemTime::now() })
+        }
         Err(e) => Err(Damage { from_index: e.index().unwrap_or(0), reason: e.to_string(), found_at: SystemTime::now() }),
     };
     match &outcome {

@@ -225,7 +225,7 @@ async fn run_node(cfg: LedgerConfig, shutdown: impl Future<Output = ()> + Send +
     info!(key = %signer.verifier(), "checkpoint verifier key");
     let signer: SharedSigner = Arc::new(tokio::sync::Mutex::new(signer));
     let flight = LedgerFlight::new(store.clone(), handle.clone(), signer.clone(), integrity.clone());
-    tokio::spawn(sign_blocks(handle.clone(), store.clone(), signer.clone(), integrity.clone(), metrics.clone()));
+    tokio::spawn(sign_blocks(handle.clone(), store.clone(), signer.clone(), integrity.clone(), metrics.clone(), cfg.self_check.on_start));
     if cfg.self_check.on_start || cfg.self_check.interval_s > 0 {
         tokio::spawn(self_checks(cfg.self_check.clone(), store.clone(), signer.clone(), integrity.clone(), metrics.clone()));
     }
@@ -314,12 +314,22 @@ fn spawn_loop<T: Transport>(node: Node<T>, rx: std::sync::mpsc::Receiver<crate::
         .name("raft-ready".into())
         .spawn(move || {
             let _entered = span.enter();
-            let r = node.run(rx).map_err(|e| {
-                if !matches!(e, crate::node::NodeFault::Removed) {
-                    error!(error = %e, "the ledger node stopped on a fault");
+            // raft-rs panics on a log that lost entries it acknowledged (restored from an old
+            // backup, or a disk that dropped synced writes); say so instead of dying silently.
+            let r = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| node.run(rx))) {
+                Ok(r) => r.map_err(|e| {
+                    if !matches!(e, crate::node::NodeFault::Removed) {
+                        error!(error = %e, "the ledger node stopped on a fault");
+                    }
+                    e.to_string()
+                }),
+                Err(p) => {
+                    let what = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+                    let e = format!("the Raft loop failed: {what}; if this node's data was restored from a backup or its disk lost writes, its Raft log is behind what it acknowledged: remove it from the cluster, wipe its data directory and join it again");
+                    error!("{e}");
+                    Err(e)
                 }
-                e.to_string()
-            });
+            };
             let _ = done.send(r);
         })
         .context("spawning the Raft loop")?;
@@ -329,12 +339,18 @@ fn spawn_loop<T: Transport>(node: Node<T>, rx: std::sync::mpsc::Receiver<crate::
 /// Signs the checkpoint of every new block with this node's key, so that the node checks each
 /// block against the last checkpoint it signed (and alarms at once if they contradict), and a
 /// checkpoint at the latest block is always ready to be cosigned.
-async fn sign_blocks(node: crate::node::NodeHandle, store: crate::machine::StoreCell, signer: SharedSigner, integrity: Integrity, metrics: Arc<LedgerMetrics>) {
+async fn sign_blocks(node: crate::node::NodeHandle, store: crate::machine::StoreCell, signer: SharedSigner, integrity: Integrity, metrics: Arc<LedgerMetrics>, wait_for_check: bool) {
     let mut rx = node.watch();
     let mut signed: Option<u64> = None;
     while rx.changed().await.is_ok() {
-        let Some(b) = rx.borrow_and_update().last_block else { continue };
-        if signed.is_some_and(|h| h >= b.height) || integrity.check_range(b.tree_size).is_err() {
+        let (last_block, size) = {
+            let st = rx.borrow_and_update();
+            (st.last_block, st.ledger.map_or(0, |l| l.next_index))
+        };
+        let Some(b) = last_block else { continue };
+        // Only what this node holds and has checked: after the start-up self-check, never
+        // over a damaged range, never beyond its own entries.
+        if signed.is_some_and(|h| h >= b.height) || (wait_for_check && integrity.checks().0 == 0) || integrity.check_range(b.tree_size).is_err() || b.tree_size > size {
             continue;
         }
         signed = Some(b.height);

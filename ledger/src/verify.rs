@@ -131,8 +131,16 @@ pub fn verify_store_against(store: &Store, signed: Option<(u64, merkle::Hash)>) 
                 size: recorded.as_ref().map(|r| r.0).unwrap_or(index),
             });
         }
+        // The stored leaf first: it names the changed entry itself, where the chain would
+        // only notice at the next entry's link.
+        let leaf = leaf_hash(&bytes);
+        if let Some(stored) = crate::state::Lookup::tree_node(store, 0, index)? {
+            if stored != leaf {
+                return Err(VerifyError::TreeNodeMismatch { level: 0, index, first: index });
+            }
+        }
         v.push(&bytes)?;
-        tree.push(leaf_hash(&bytes));
+        tree.push(leaf);
     }
     // The stored tree must give the same root as the entries (it is what proofs are built
     // from), at the size the stored tree reaches.
@@ -207,7 +215,8 @@ fn verify_blocks(store: &Store, tree: &MemoryTree) -> Result<(), VerifyError> {
         }
         b.check_follows(prev.as_ref()).map_err(|e| bad(e.to_string()))?;
         if b.tree_size > tree.size() {
-            return Err(bad(format!("seals entries up to {}, but only {} are stored", b.tree_size, tree.size())));
+            // Entries a block sealed are gone: the log was truncated.
+            return Err(VerifyError::Missing { index: tree.size(), size: b.tree_size });
         }
         let root = merkle::root(tree, b.tree_size).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         if root != b.root {
@@ -265,7 +274,11 @@ mod tests {
         e[last] ^= 1;
         s.raw_put_entry(7, Some(&e)).unwrap();
         let err = verify_store(&s).unwrap_err();
-        assert_eq!(err.index(), Some(8), "entry 7's change shows where entry 8 links to it: {err}");
+        assert_eq!(err.index(), Some(7), "entry 7 no longer hashes to its stored leaf: {err}");
+        // Changed together with its stored leaf, it shows where entry 8 links to it.
+        s.write(&[Put::new(cf::MERKLE, tree_node_key(0, 7), leaf_hash(&e).to_vec())], true).unwrap();
+        let err = verify_store(&s).unwrap_err();
+        assert_eq!(err.index(), Some(8), "{err}");
 
         // Entry 7 deleted.
         let (_d, s) = good();
