@@ -363,6 +363,28 @@ fn a_tampered_node_is_named_by_verify_and_stops_serving_the_damaged_range_itself
     }
     // The healthy majority never stopped.
     append_n(&c.urls(), "u", 0, 5);
+
+    // Key rotation: node 3 (its data restored) gets a new key; the old one stays published,
+    // old checkpoints still verify with it, and the new key cosigns new ones.
+    let _ = std::fs::remove_dir_all(&state_dir);
+    assert!(Command::new("cp").arg("-a").arg(&pristine).arg(&state_dir).status().unwrap().success());
+    let out = Command::new(bin("custody-ledger")).args(["rotate-key", "--config"]).arg(&c.nodes[&3].config).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success() && text.contains(&format!("retired {}", keys[2])), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    c.restart(3).unwrap();
+    wait_rejoined(&c, 3);
+    wait_sealed(&c, 65);
+    let st = rt().block_on(custody::query::action(&flight3, "status", &serde_json::json!({}))).unwrap();
+    let new3 = st["verifier_key"].as_str().unwrap().to_string();
+    assert_ne!(new3, keys[2]);
+    assert_eq!(st["retired_keys"], serde_json::json!([keys[2]]));
+    let (ok, out) = custody_keyed(&dir.path().join("home-rotated"), &["verify", "--offline", bundle.to_str().unwrap()], &keys);
+    assert!(ok, "a checkpoint signed before the rotation verifies with the retired key: {out}");
+    let rotated = vec![keys[0].clone(), keys[1].clone(), new3];
+    let (ok, out) = custody_keyed(&dir.path().join("home-rotated"), &["checkpoint", "--flight", &flight3], &rotated);
+    assert!(ok && out.contains("3 of 3 pinned keys"), "{out}");
+    let (ok, out) = custody_keyed(&dir.path().join("home-rotated"), &["verify", "--flight", &flight3], &rotated);
+    assert!(ok && out.contains("65 entries verified"), "{out}");
 }
 
 #[test]

@@ -7,6 +7,12 @@
 //! it against the last checkpoint it signed (`checkpoint-signed.json`), with a consistency
 //! proof from its own tree: a tree that was rewritten, truncated or forked under it fails
 //! that check, and the node refuses to sign and logs an alarm instead.
+//!
+//! **Rotation** (`custody-ledger rotate-key`): the node's new key keeps the same name, so it
+//! gets a new key id; the old public key is kept in `checkpoint-keys.retired` (one verifier
+//! key per line) and still published, so checkpoints it signed stay verifiable, and the
+//! signed-state file is kept, so the new key never signs what contradicts the old one's
+//! checkpoints. The old private key is deleted.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -63,6 +69,37 @@ pub struct CheckpointSigner {
     signer: NoteSigner,
     state_path: PathBuf,
     last: Option<(u64, Hash)>,
+    retired: Vec<VerifierKey>,
+}
+
+const KEY_FILE: &str = "checkpoint.key";
+const RETIRED_FILE: &str = "checkpoint-keys.retired";
+
+fn read_seed(path: &Path) -> Result<Option<[u8; 32]>, CheckpointError> {
+    match std::fs::read(path) {
+        Ok(b) => Ok(Some(b.try_into().map_err(|_| CheckpointError::Corrupt(format!("{} is not a 32-byte ed25519 seed", path.display())))?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io(path)(e)),
+    }
+}
+
+fn new_seed() -> Result<[u8; 32], CheckpointError> {
+    let mut seed = [0u8; 32];
+    getrandom::getrandom(&mut seed).map_err(|e| CheckpointError::Corrupt(format!("no randomness for a new key: {e}")))?;
+    Ok(seed)
+}
+
+fn read_retired(dir: &Path) -> Result<Vec<VerifierKey>, CheckpointError> {
+    let path = dir.join(RETIRED_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io(&path)(e)),
+    };
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| VerifierKey::parse(l.trim()).map_err(|e| CheckpointError::Corrupt(format!("{}: {e}", path.display()))))
+        .collect()
 }
 
 impl std::fmt::Debug for CheckpointSigner {
@@ -91,16 +128,14 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
 impl CheckpointSigner {
     /// Opens (or on first start creates) the key and signed state in `dir`.
     pub fn open(dir: &Path, origin: &str, node_name: &str) -> Result<Self, CheckpointError> {
-        let key_path = dir.join("checkpoint.key");
-        let seed: [u8; 32] = match std::fs::read(&key_path) {
-            Ok(b) => b.try_into().map_err(|_| CheckpointError::Corrupt(format!("{} is not a 32-byte ed25519 seed", key_path.display())))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut seed = [0u8; 32];
-                getrandom::getrandom(&mut seed).map_err(|e| CheckpointError::Corrupt(format!("no randomness for a new key: {e}")))?;
+        let key_path = dir.join(KEY_FILE);
+        let seed = match read_seed(&key_path)? {
+            Some(s) => s,
+            None => {
+                let seed = new_seed()?;
                 write_private(&key_path, &seed)?;
                 seed
             }
-            Err(e) => return Err(io(&key_path)(e)),
         };
         let signer = NoteSigner::new(&format!("{origin}/{node_name}"), SigningKey::from_bytes(&seed))?;
         let state_path = dir.join("checkpoint-signed.json");
@@ -117,7 +152,34 @@ impl CheckpointSigner {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(io(&state_path)(e)),
         };
-        Ok(Self { origin: origin.into(), signer, state_path, last })
+        let retired = read_retired(dir)?;
+        Ok(Self { origin: origin.into(), signer, state_path, last, retired })
+    }
+
+    /// Replaces the key in `dir` with a new one, keeping the old public key (as the verifier
+    /// key `<origin>/<node_name>+<old id>+...`) in the retired list. Returns (old, new).
+    /// The node must be restarted to use it.
+    pub fn rotate(dir: &Path, origin: &str, node_name: &str) -> Result<(VerifierKey, VerifierKey), CheckpointError> {
+        let name = format!("{origin}/{node_name}");
+        let key_path = dir.join(KEY_FILE);
+        let old_seed = read_seed(&key_path)?.ok_or_else(|| CheckpointError::Corrupt(format!("{} does not exist: nothing to rotate (the node makes its key on first start)", key_path.display())))?;
+        let old = NoteSigner::new(&name, SigningKey::from_bytes(&old_seed))?.verifier().clone();
+        let new_seed = new_seed()?;
+        let new = NoteSigner::new(&name, SigningKey::from_bytes(&new_seed))?.verifier().clone();
+        // The old public key first, so that a crash in between never loses it.
+        let mut retired = read_retired(dir)?;
+        if !retired.contains(&old) {
+            retired.push(old.clone());
+        }
+        let text: String = retired.iter().map(|k| format!("{k}\n")).collect();
+        write_private(&dir.join(RETIRED_FILE), text.as_bytes())?;
+        write_private(&key_path, &new_seed)?;
+        Ok((old, new))
+    }
+
+    /// Keys this node signed with before, still published so that their checkpoints verify.
+    pub fn retired(&self) -> &[VerifierKey] {
+        &self.retired
     }
 
     /// This node's verifier key, as published (`name+keyid+base64`).
@@ -211,5 +273,39 @@ mod tests {
         let mut grown = good.clone();
         grown.push(leaf_hash(b"f"));
         s.sign(&grown, 6).unwrap();
+    }
+
+    #[test]
+    fn a_rotated_key_keeps_old_checkpoints_verifiable_and_the_new_key_keeps_the_old_one_s_promises() {
+        let dir = tempfile::tempdir().unwrap();
+        let origin = "custody.test/ledger";
+        let good = tree(&[b"a", b"b", b"c", b"d"]);
+        let mut s = CheckpointSigner::open(dir.path(), origin, "ledger-1").unwrap();
+        let old_note = s.sign(&good, 4).unwrap();
+        let old_key = s.verifier().clone();
+        drop(s);
+        let (retired, new_key) = CheckpointSigner::rotate(dir.path(), origin, "ledger-1").unwrap();
+        assert_eq!(retired, old_key);
+        assert_ne!(new_key, old_key);
+        assert_eq!(new_key.name, old_key.name, "the same node, a new key id");
+        let mut s = CheckpointSigner::open(dir.path(), origin, "ledger-1").unwrap();
+        assert_eq!(s.verifier(), &new_key);
+        assert_eq!(s.retired(), std::slice::from_ref(&old_key), "the old public key is still published");
+        // The old checkpoint verifies with the retired key, not with the new one.
+        old_note.verify(std::slice::from_ref(&old_key)).unwrap();
+        assert!(old_note.verify(std::slice::from_ref(&new_key)).is_err());
+        // The new key signs the grown tree, and refuses a fork of what the old key signed.
+        let mut grown = good.clone();
+        grown.push(leaf_hash(b"e"));
+        s.sign(&grown, 5).unwrap().verify(std::slice::from_ref(&new_key)).unwrap();
+        let forked = tree(&[b"a", b"X", b"c", b"d", b"e", b"f"]);
+        assert!(matches!(s.sign(&forked, 6), Err(CheckpointError::Inconsistent { .. })));
+        // A second rotation keeps both old keys; the private key file stays 0600.
+        drop(s);
+        CheckpointSigner::rotate(dir.path(), origin, "ledger-1").unwrap();
+        let s = CheckpointSigner::open(dir.path(), origin, "ledger-1").unwrap();
+        assert_eq!(s.retired().len(), 2);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(dir.path().join(KEY_FILE)).unwrap().permissions().mode() & 0o777, 0o600);
     }
 }

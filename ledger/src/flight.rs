@@ -432,10 +432,14 @@ impl FlightService for LedgerFlight {
                 Self::tree_size(&store)?;
                 let root = merkle::root(&StoredTree(store.as_ref()), st.next_index).map_err(|e| Status::data_loss(e.to_string()))?;
                 let node = self.node.status();
-                let verifier_key = self.signer.lock().await.verifier().to_string();
+                let (verifier_key, retired_keys) = {
+                    let s = self.signer.lock().await;
+                    (s.verifier().to_string(), s.retired().iter().map(|k| k.to_string()).collect::<Vec<_>>())
+                };
                 let damage = self.integrity.damage();
                 let body = serde_json::json!({
                     "verifier_key": verifier_key,
+                    "retired_keys": retired_keys,
                     "blocks": node.last_block.map_or(0, |b| b.height + 1),
                     "sealed_size": node.last_block.map_or(0, |b| b.tree_size),
                     "damage": damage.as_ref().map(|d| serde_json::json!({"from_index": d.from_index, "reason": d.reason})),

@@ -102,6 +102,14 @@ enum Cmd {
         #[arg(long)]
         data_dir: PathBuf,
     },
+    /// Replace this node's checkpoint key. The old public key stays published (retired), so
+    /// the checkpoints it signed still verify; add the new key to verifiers' pins. Takes
+    /// effect when the node next starts (rotate during a rolling restart).
+    RotateKey {
+        /// The node's config file (for its data directory, origin and name).
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -428,6 +436,15 @@ fn main() -> anyhow::Result<()> {
             }
             custody_ledger::peer::generate_certs(&dir, &nodes)?;
             println!("wrote ca.pem and certificates for nodes {nodes:?} to {}", dir.display());
+            Ok(())
+        }
+        Cmd::RotateKey { config } => {
+            let cfg = custody_ledger::config::LedgerConfig::load(&config)?;
+            let (old, new) = custody_ledger::checkpoint::CheckpointSigner::rotate(&cfg.data_dir, &cfg.checkpoint_origin(), &cfg.node_id)
+                .context("rotating the checkpoint key")?;
+            println!("retired {old}");
+            println!("new     {new}");
+            println!("restart the node to sign with the new key; pin it in verifiers (keep the old key to verify older checkpoints)");
             Ok(())
         }
         Cmd::Verify { data_dir } => {
