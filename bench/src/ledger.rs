@@ -260,12 +260,46 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     eprintln!("bench: proofs {:.0}/s p50 {:.2} ms p99 {:.2} ms; custody verify {total} events in {verify_secs:.2} s", ps.rate(), ps.pct(0.5), ps.pct(0.99));
     let mut p = String::new();
-    p.push_str("## Proofs and verification (issue 4)\n\n");
+    p.push_str("## Proofs, verification and sealing (issue 4)\n\n");
     p.push_str(&format!("Command: `bench/run ledger --clients {} --seconds {} --event-bytes {}` (release build), on the cluster the ledger benchmark above filled.\n\n", a.clients.iter().map(usize::to_string).collect::<Vec<_>>().join(","), a.seconds, a.event_bytes));
     p.push_str("| measure | result |\n|---|---:|\n");
     p.push_str(&format!("| inclusion proofs served by a follower and checked by the client, {proof_clients} clients, tree of {total} | {:.0}/s (p50 {:.2} ms, p99 {:.2} ms, {} errors) |\n", ps.rate(), ps.pct(0.5), ps.pct(0.99), ps.errors));
     p.push_str(&format!("| `custody verify`: pull {total} entries over Flight, check the chain, recompute the Merkle root | {:.0} events/s ({verify_secs:.2} s) |\n", total as f64 / verify_secs));
-    p.push_str("\nSealing into blocks is not built yet, so sealing on against off is not measured.\n");
+
+    // Sealing (issue 4): the same load against this cluster (blocks every 1024 entries or
+    // 1000 ms, the default; each node signs every block's checkpoint) and against a second
+    // cluster with sealing off, alternating so that both see the same machine.
+    std::fs::create_dir_all(d.join("custody-unsealed"))?;
+    let unsealed = LedgerCluster::start(
+        &d.join("custody-unsealed"),
+        3,
+        ClusterOptions { extra: "[blocks]\nmax_entries = 0\n".into(), ..Default::default() },
+    )?;
+    let blocks_of = |c: &LedgerCluster| -> u64 { c.wait_leader(Duration::from_secs(5)).ok().and_then(|l| c.status(l).ok()).and_then(|s| s["blocks"].as_u64()).unwrap_or(0) };
+    let mut seal_rows = Vec::new();
+    for &c in &a.clients {
+        let mut pair = Vec::new();
+        for target in [&cluster, &unsealed] {
+            let client = LedgerClient::new(&target.urls(), Duration::from_secs(10))?;
+            let b0 = blocks_of(target);
+            let st = load(&rt, c, a.seconds, move |ci, n| {
+                let client = client.clone();
+                let ev = custody_event(ci + c * 1000 + 500_000, n, size);
+                async move { client.append(vec![ev]).await.is_ok() }
+            });
+            pair.push((st, blocks_of(target) - b0));
+        }
+        eprintln!("bench: {c:>3} clients  sealing on {:>8.0}/s p99 {:.2} ms ({} blocks)   off {:>8.0}/s p99 {:.2} ms", pair[0].0.rate(), pair[0].0.pct(0.99), pair[0].1, pair[1].0.rate(), pair[1].0.pct(0.99));
+        seal_rows.push((c, pair));
+    }
+    p.push_str("\n### Sealing into blocks: on against off\n\n");
+    p.push_str("The same append load (one event per request, as above) against the cluster above, which seals a block every 1024 entries or 1000 ms and has every node sign each block's checkpoint, and against a second 3-node cluster with `[blocks] max_entries = 0`, run one after the other for each client count.\n\n");
+    p.push_str("| clients | sealing | events/s | p50 ms | p99 ms | errors | blocks sealed | on ÷ off |\n|---:|---|---:|---:|---:|---:|---:|---:|\n");
+    for (c, pair) in &seal_rows {
+        let (on, off) = (&pair[0], &pair[1]);
+        p.push_str(&format!("| {c} | on | {:.0} | {:.2} | {:.2} | {} | {} | {:.2} |\n", on.0.rate(), on.0.pct(0.5), on.0.pct(0.99), on.0.errors, on.1, on.0.rate() / off.0.rate()));
+        p.push_str(&format!("| {c} | off | {:.0} | {:.2} | {:.2} | {} | 0 | |\n", off.0.rate(), off.0.pct(0.5), off.0.pct(0.99), off.0.errors));
+    }
 
     let mut s = String::new();
     let clients: Vec<String> = a.clients.iter().map(usize::to_string).collect();
