@@ -5,6 +5,7 @@
 //! - [`login`], [`token`]: OIDC authorization code + PKCE login, and the token search order
 //!   (`--token-file`, `CUSTODY_TOKEN`, the 0600 cache).
 //! - [`query`]: `events`, `sessions`, `checkpoint`, `proof` over Arrow Flight.
+//! - [`replay`]: `custody replay SESSION`, a session as a transcript.
 //! - [`audit`]: `verify` (online and offline), `bundle`, `blocks`, `events --verify`.
 //! - [`dev`], [`dev_issuer`]: `custody dev`, the whole system on loopback.
 //!
@@ -18,5 +19,6 @@ pub mod dev_issuer;
 pub mod login;
 pub mod query;
 pub mod quic;
+pub mod replay;
 pub mod token;
 pub mod tunnel;

@@ -151,6 +151,27 @@ enum Cmd {
         #[arg(long)]
         flight: Option<String>,
     },
+    /// Print a recorded session as it happened: statements, parameters, result summaries and
+    /// recorded rows, with the time since the session began.
+    Replay {
+        /// Session id (from `custody sessions`).
+        session: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = custody::replay::ReplayFormat::Text)]
+        format: custody::replay::ReplayFormat,
+        /// Play back with the recorded pauses, this many times faster (1 = real time).
+        #[arg(long)]
+        speed: Option<f64>,
+        /// Keep reading a live session until it ends.
+        #[arg(long)]
+        follow: bool,
+        /// Most recorded rows to print per result.
+        #[arg(long, default_value_t = 20)]
+        max_rows: usize,
+        /// Ledger Flight URL (default from config).
+        #[arg(long)]
+        flight: Option<String>,
+    },
     /// Print the ledger's block headers, checked to link one to the next.
     Blocks {
         /// One JSON object per block, with its canonical header bytes.
@@ -303,6 +324,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let url = flight_url(&cfg, flight)?;
             let keys = if keys.is_empty() { cfg.ledger_keys.clone() } else { keys };
             custody::audit::bundle(&url, &out, from, to, &consistency_from, &keys).await
+        }
+        Cmd::Replay { session, format, speed, follow, max_rows, flight } => {
+            let url = flight_url(&cfg, flight)?;
+            if speed.is_some_and(|s| !(s > 0.0)) {
+                anyhow::bail!("--speed must be a positive number (1 = real time)");
+            }
+            custody::replay::replay(&url, &custody::replay::ReplayOptions { session, format, speed, follow, max_rows }).await
         }
         Cmd::Blocks { json, flight } => custody::audit::blocks(&flight_url(&cfg, flight)?, json).await,
         Cmd::Checkpoint(a) => {

@@ -127,3 +127,17 @@ pub fn note(data: &[u8]) {
     }
     let _ = Checkpoint::parse(text);
 }
+
+/// Block headers as an export bundle or a peer's `blocks` answer carries them: decode each
+/// 120-byte header, and check each follows the one before.
+pub fn block(data: &[u8]) {
+    use custody_proto::block::{BlockHeader, HEADER_LEN};
+    let _ = BlockHeader::decode(data);
+    let mut prev: Option<BlockHeader> = None;
+    for chunk in data.chunks(HEADER_LEN) {
+        let Ok(b) = BlockHeader::decode(chunk) else { break };
+        let _ = b.check_follows(prev.as_ref());
+        let _ = BlockHeader::next(Some(&b), b.tree_size.wrapping_add(1), b.root, b.sealed_at_ns);
+        prev = Some(b);
+    }
+}

@@ -207,3 +207,13 @@ fn note_never_panics() {
     let seed = format!("{}\n\0{note}", s.verifier());
     run("note", seed.as_bytes(), custody_fuzz::note);
 }
+
+#[test]
+fn block_never_panics() {
+    use custody_proto::block::BlockHeader;
+    let b0 = BlockHeader::next(None, 16, [1u8; 32], 1).unwrap();
+    let b1 = BlockHeader::next(Some(&b0), 40, [2u8; 32], 2).unwrap();
+    let mut seed = b0.encode();
+    seed.extend(b1.encode());
+    run("block", &seed, custody_fuzz::block);
+}

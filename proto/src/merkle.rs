@@ -482,6 +482,33 @@ mod tests {
         }
     }
 
+    /// The worked example of RFC 9162 section 2.1.5 (the 7-leaf tree of the C2SP/CT
+    /// documents): its node names, inclusion proofs and consistency proofs, term by term.
+    #[test]
+    fn the_seven_leaf_worked_example_gives_the_documented_proofs() {
+        let d: Vec<Vec<u8>> = (0..7u8).map(|i| vec![b'd', i]).collect();
+        let [a, b, c, dd, e, f, j]: [Hash; 7] = core::array::from_fn(|i| leaf_hash(&d[i]));
+        let (g, h, i) = (node_hash(&a, &b), node_hash(&c, &dd), node_hash(&e, &f));
+        let (k, l) = (node_hash(&g, &h), node_hash(&i, &j));
+        let root7 = node_hash(&k, &l);
+        let t = tree_of(&[a, b, c, dd, e, f, j]);
+        assert_eq!(root(&t, 7).unwrap(), root7);
+        // Inclusion: b is [a, h, l]; d0 is [b, h, l]; d3 is [c, g, l]; d4 is [f, j, k]; d6 is [i, k].
+        for (index, want) in [(1u64, vec![a, h, l]), (0, vec![b, h, l]), (3, vec![c, g, l]), (4, vec![f, j, k]), (6, vec![i, k])] {
+            let p = inclusion_proof(&t, index, 7).unwrap();
+            assert_eq!(p, want, "inclusion of d{index}");
+            verify_inclusion(index, 7, &t.node(0, index).unwrap(), &p, &root7).unwrap();
+        }
+        // Consistency: tree A (3 leaves, root H(g, c)) to 7 is [c, d, g, l]; tree B (4,
+        // root k) is [l]; tree C (6, root H(k, i)) is [i, j, k].
+        for (m, old_root, want) in [(3u64, node_hash(&g, &c), vec![c, dd, g, l]), (4, k, vec![l]), (6, node_hash(&k, &i), vec![i, j, k])] {
+            assert_eq!(root(&t, m).unwrap(), old_root, "root of the tree of {m}");
+            let p = consistency_proof(&t, m, 7).unwrap();
+            assert_eq!(p, want, "consistency {m} -> 7");
+            verify_consistency(m, 7, &old_root, &root7, &p).unwrap();
+        }
+    }
+
     /// Every index of every tree up to 70 leaves, and every pair of sizes, against the
     /// RFC's recursive definitions; each proof verifies and a changed term does not.
     #[test]
