@@ -140,6 +140,54 @@ fn psql_session_is_recorded_with_results_errors_and_identity() {
     assert_eq!(s["errors"], 1);
     assert_eq!(s["status"], "ended");
     assert_eq!(s["end_reason"], "terminate");
+
+    // Replay: the session as a transcript, times relative to its start (normalised here, as
+    // is the client's port), compared line by line with what psql did.
+    let out = custody_cmd(&home, None).args(["replay", &sid, "--flight", &stack.ledger.flight()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut times = Vec::new();
+    let normalised: Vec<String> = text
+        .lines()
+        .map(|l| {
+            let t = l.trim_start();
+            match t.split_once("s  ") {
+                Some((ts, rest)) if ts.starts_with('+') => {
+                    times.push(ts[1..].parse::<f64>().unwrap());
+                    let rest = match rest.rsplit_once(" from 127.0.0.1:") {
+                        Some((head, _)) => format!("{head} from 127.0.0.1:PORT"),
+                        None => rest.to_string(),
+                    };
+                    format!("+T  {rest}")
+                }
+                _ => l.trim_end().to_string(),
+            }
+        })
+        .collect();
+    let expected = [
+        "+T  session start: ci-client -> pg (database postgres, application psql) from 127.0.0.1:PORT",
+        "+T  > create table t(id int, v text)",
+        "+T  < CREATE TABLE",
+        "+T  > insert into t values (1, 'one'), (2, NULL)",
+        "+T  < INSERT 0 2",
+        "+T  > select * from t order by id",
+        "+T  < SELECT 2  (2 rows, 35 bytes)",
+        "                 id | v",
+        "                 1 | one",
+        "                 2 | NULL",
+        "+T  > select 1/0",
+        "+T  < ERROR 22012: division by zero",
+        "+T  session end: terminate",
+    ];
+    assert_eq!(normalised, expected, "{text}");
+    assert!(times.windows(2).all(|w| w[0] <= w[1]) && times[0] == 0.0, "times count up from 0: {times:?}");
+    // JSON: one object per event, the same events, each with its time since the start.
+    let out = custody_cmd(&home, None).args(["replay", &sid, "--format", "json", "--flight", &stack.ledger.flight()]).output().unwrap();
+    let json: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(json.len(), rows.len());
+    assert!(json.iter().zip(&rows).all(|(j, r)| j["index"] == r["index"] && j["t"].is_number()));
+    let out = custody_cmd(&home, None).args(["replay", "no-such-session", "--flight", &stack.ledger.flight()]).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no events recorded for session"));
 }
 
 #[test]
