@@ -152,7 +152,7 @@ impl LedgerMachine {
     pub fn reload(&mut self) -> Result<(), StoreError> {
         let store = self.store.get();
         self.state = LedgerState::load(&store)?;
-        let tree = crate::state::stored_tree_size(&store, self.state.next_index)?;
+        let tree = crate::state::stored_tree_size(store.as_ref(), self.state.next_index)?;
         if tree < self.state.next_index {
             // A ledger written before the Merkle tree existed, or a backfill cut short.
             tracing::info!(from = tree, to = self.state.next_index, "adding the Merkle tree over existing entries");

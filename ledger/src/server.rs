@@ -375,13 +375,20 @@ async fn self_checks(cfg: crate::config::SelfCheckConfig, store: crate::machine:
     if !cfg.on_start {
         tokio::time::sleep(interval).await;
     }
+    let mut catching_up = 0u32;
     loop {
         let signed = signer.lock().await.last_signed();
         let store = store.get();
         let i = integrity.clone();
+        let mut again = interval;
         match tokio::task::spawn_blocking(move || crate::selfcheck::run_check(&store, signed, &i)).await {
-            Ok(Ok(_)) => {
+            Ok(Ok((_, signed_checked))) => {
                 metrics.self_checks_passed.inc();
+                if !signed_checked && catching_up < 30 {
+                    // Catching up after a restart: compare with the signed checkpoint soon.
+                    catching_up += 1;
+                    again = std::time::Duration::from_secs(10);
+                }
             }
             Ok(Err(d)) => {
                 metrics.self_checks_failed.inc();
@@ -389,10 +396,10 @@ async fn self_checks(cfg: crate::config::SelfCheckConfig, store: crate::machine:
             }
             Err(e) => warn!(error = %e, "self-check task failed"),
         }
-        if cfg.interval_s == 0 {
+        if cfg.interval_s == 0 && again == interval {
             break;
         }
-        tokio::time::sleep(interval).await;
+        tokio::time::sleep(again).await;
     }
 }
 

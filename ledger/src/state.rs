@@ -114,6 +114,21 @@ impl Lookup for Store {
     }
 }
 
+impl Lookup for crate::store::StoreView<'_> {
+    fn idem(&self, key: &[u8]) -> Result<Option<u64>, StoreError> {
+        self.get(cf::IDEM, key)?.map(|v| u64_key(&v)).transpose()
+    }
+    fn session(&self, id: &str) -> Result<Option<SessionSummary>, StoreError> {
+        self.get(cf::SESSIONS, id.as_bytes())?.map(|v| decode_summary(id, &v)).transpose()
+    }
+    fn entry_at(&self, index: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        self.get(cf::ENTRIES, &index.to_be_bytes())
+    }
+    fn tree_node(&self, level: u8, index: u64) -> Result<Option<Hash>, StoreError> {
+        self.get(cf::MERKLE, &tree_node_key(level, index))?.map(|v| decode_node(level, index, &v)).transpose()
+    }
+}
+
 /// A [`Lookup`] that sees, over a base, the writes of batches applied earlier in the same
 /// atomic write: one Raft entry carries several append requests, applied one after another
 /// but stored together.
@@ -238,7 +253,7 @@ pub fn backfill_tree(store: &Store, from: u64, to: u64, chunk: u64) -> Result<u6
 
 /// The size of the stored tree: the number of leaves it holds, found by probing the leaf
 /// level (O(log n) reads). Equals the ledger size unless the tree is behind (backfill).
-pub fn stored_tree_size(store: &Store, ledger_size: u64) -> Result<u64, StoreError> {
+pub fn stored_tree_size<L: Lookup>(store: &L, ledger_size: u64) -> Result<u64, StoreError> {
     if ledger_size == 0 || store.tree_node(0, ledger_size - 1)?.is_some() {
         return Ok(ledger_size);
     }
@@ -391,6 +406,11 @@ impl LedgerState {
     /// The state record as stored, unchecked.
     pub fn recorded(store: &Store) -> Result<Option<Self>, StoreError> {
         store.get(cf::META, META_STATE)?.map(|v| Self::decode(&v)).transpose()
+    }
+
+    /// The state recorded in a consistent view.
+    pub fn recorded_in(view: &crate::store::StoreView<'_>) -> Result<Option<Self>, StoreError> {
+        view.get(cf::META, META_STATE)?.map(|v| Self::decode(&v)).transpose()
     }
 
     /// Loads the state stored in `store`, and checks it against the last stored entry.

@@ -235,6 +235,47 @@ impl Store {
     }
 }
 
+/// A consistent, point-in-time view of the store (a RocksDB snapshot): every read through it
+/// sees the same state, whatever the state machine writes meanwhile. A check of the whole
+/// log reads through one, so that entries, tree nodes and blocks agree with each other.
+pub struct StoreView<'a> {
+    store: &'a Store,
+    snap: rocksdb::Snapshot<'a>,
+}
+
+impl Store {
+    /// A view of the store as it is now.
+    pub fn view(&self) -> StoreView<'_> {
+        StoreView { store: self, snap: self.db.snapshot() }
+    }
+}
+
+impl StoreView<'_> {
+    /// A value by key.
+    pub fn get(&self, cf: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.snap.get_cf(self.store.cf(cf)?, key)?)
+    }
+
+    /// Entries from `from` on, in index order.
+    pub fn entries_from(&self, from: u64) -> Result<impl Iterator<Item = Result<(u64, Vec<u8>), StoreError>> + '_, StoreError> {
+        self.u64_keyed(cf::ENTRIES, from)
+    }
+
+    /// Block headers from `height` on (raw bytes).
+    pub fn blocks_from(&self, height: u64) -> Result<impl Iterator<Item = Result<(u64, Vec<u8>), StoreError>> + '_, StoreError> {
+        self.u64_keyed(cf::BLOCKS, height)
+    }
+
+    fn u64_keyed(&self, cf: &str, from: u64) -> Result<impl Iterator<Item = Result<(u64, Vec<u8>), StoreError>> + '_, StoreError> {
+        let key = from.to_be_bytes();
+        let it = self.snap.iterator_cf(self.store.cf(cf)?, IteratorMode::From(&key, Direction::Forward));
+        Ok(it.map(|r| {
+            let (k, v) = r?;
+            Ok((u64_key(&k)?, v.into_vec()))
+        }))
+    }
+}
+
 /// Decodes a big-endian u64 key.
 pub fn u64_key(k: &[u8]) -> Result<u64, StoreError> {
     let a: [u8; 8] = k

@@ -17,6 +17,9 @@ pub struct VerifyReport {
     pub head: String,
     /// Merkle tree root over the verified entries, recomputed from them.
     pub tree_root: String,
+    /// Whether a signed checkpoint was given and compared (it is not while it is ahead of
+    /// the stored entries).
+    pub signed_checked: bool,
 }
 
 /// Why verification failed.
@@ -119,8 +122,11 @@ pub fn verify_store(store: &Store) -> Result<VerifyReport, VerifyError> {
 /// [`verify_store`], and then the checkpoint this node signed last (`signed`: size and
 /// root): the entries must reach its size and give its root.
 pub fn verify_store_against(store: &Store, signed: Option<(u64, merkle::Hash)>) -> Result<VerifyReport, VerifyError> {
+    // One point-in-time view for every read: a running node goes on applying meanwhile.
+    let view = store.view();
+    let store = &view;
     // Read the recorded state without trusting it for the walk itself.
-    let recorded = LedgerState::recorded(store)?.map(|s| (s.next_index, hex(&s.head)));
+    let recorded = LedgerState::recorded_in(store)?.map(|s| (s.next_index, hex(&s.head)));
     let mut v = ChainVerifier::new();
     let mut tree = MemoryTree::new();
     for r in store.entries_from(0)? {
@@ -171,10 +177,13 @@ pub fn verify_store_against(store: &Store, signed: Option<(u64, merkle::Hash)>) 
         }
     }
     verify_blocks(store, &tree)?;
-    if let Some((size, root)) = signed {
-        if size > tree.size() {
-            return Err(VerifyError::Missing { index: tree.size(), size });
-        }
+    // A signed size beyond the stored entries is not checked here: a node restarted after a
+    // crash may have applied less than it had signed, and re-applies the rest from its Raft
+    // log. (Entries lost from a store are still found: the blocks and the recorded state are
+    // written with them, atomically.)
+    let mut signed_checked = false;
+    if let Some((size, root)) = signed.filter(|(size, _)| *size <= tree.size()) {
+        signed_checked = true;
         let computed = merkle::root(&tree, size).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         if computed != root {
             return Err(VerifyError::CheckpointMismatch { size, signed: hex(&root), computed: hex(&computed) });
@@ -199,11 +208,12 @@ pub fn verify_store_against(store: &Store, signed: Option<(u64, merkle::Hash)>) 
         verified: v.next_index(),
         head: hex(&v.head()),
         tree_root: hex(&tree.root()),
+        signed_checked,
     })
 }
 
 /// Every stored block follows the one before and commits to the root the entries give.
-fn verify_blocks(store: &Store, tree: &MemoryTree) -> Result<(), VerifyError> {
+fn verify_blocks(store: &crate::store::StoreView<'_>, tree: &MemoryTree) -> Result<(), VerifyError> {
     let mut prev: Option<custody_proto::block::BlockHeader> = None;
     for r in store.blocks_from(0)? {
         let (height, bytes) = r?;
@@ -305,6 +315,21 @@ mod tests {
         s.write(&[Put::new(cf::MERKLE, tree_node_key(2, 1), vec![9u8; 32])], true).unwrap();
         let err = verify_store(&s).unwrap_err();
         assert!(matches!(err, VerifyError::TreeNodeMismatch { level: 2, index: 1, first: 4 }), "{err}");
+
+        // Checked against the checkpoint this node signed: a matching one passes, one with
+        // another root fails, and one beyond the stored entries (a node that applied less
+        // than it signed before a crash, and re-applies from its Raft log) waits.
+        let (_d, s) = good();
+        let mut t = MemoryTree::new();
+        for i in 0..20 {
+            t.push(leaf_hash(&s.entry(i).unwrap().unwrap()));
+        }
+        let root12 = merkle::root(&t, 12).unwrap();
+        assert!(verify_store_against(&s, Some((12, root12))).unwrap().signed_checked);
+        let err = verify_store_against(&s, Some((12, [1u8; 32]))).unwrap_err();
+        assert!(matches!(err, VerifyError::CheckpointMismatch { size: 12, .. }), "{err}");
+        let r = verify_store_against(&s, Some((25, [1u8; 32]))).unwrap();
+        assert!(!r.signed_checked && r.verified == 20);
 
         // A leaf of the stored tree deleted.
         let (_d, s) = good();
