@@ -79,6 +79,13 @@ fn pgbench_statements_are_recorded_exactly_once_in_order_with_params_and_identit
         let report = stack.python("check_events.py", &[&stack.ledger.flight(), path.to_str().unwrap()]).unwrap_or_else(|e| panic!("mode {mode}: {e}"));
         eprintln!("pgbench -M {mode}: {report}");
     }
+    // Compliance queries over Flight SQL (ADBC, pyarrow.flight, DuckDB) against what the last
+    // pgbench run did.
+    let report = stack.python("flight_sql.py", &[&stack.ledger.flight(), stack.dir.path().join("expect-prepared.json").to_str().unwrap()]).unwrap();
+    eprintln!("flight sql: {report}");
+    let r: serde_json::Value = serde_json::from_str(report.trim().lines().last().unwrap()).unwrap();
+    assert_eq!(r["statements"], clients * tx * 2, "{report}");
+    assert_eq!(r["inserts"], clients * tx, "{report}");
     let out = custody_cmd(&stack.dir.path().join("home"), None).args(["verify", "--flight", &stack.ledger.flight()]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // A third party with pyarrow and its own RFC 6962 code checks the root and the proofs.

@@ -43,6 +43,20 @@ pub struct LedgerFlight {
     node: NodeHandle,
     signer: SharedSigner,
     integrity: Integrity,
+    /// Flight SQL, for descriptors, tickets and actions that are not this service's own.
+    sql: Option<std::sync::Arc<crate::sql::LedgerSql>>,
+}
+
+impl std::fmt::Debug for LedgerFlight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LedgerFlight").finish_non_exhaustive()
+    }
+}
+
+/// Whether a ticket or command is the documented JSON (or empty: all events) rather than a
+/// Flight SQL protobuf message.
+fn is_json_ticket(b: &[u8]) -> bool {
+    b.iter().find(|c| !c.is_ascii_whitespace()).is_none_or(|c| *c == b'{')
 }
 
 /// The node's checkpoint signer, shared by the Flight service and the block signer.
@@ -52,7 +66,25 @@ impl LedgerFlight {
     /// A Flight service over the node's state machine, signing checkpoints with `signer` and
     /// refusing reads of whatever `integrity` records as damaged.
     pub fn new(store: StoreCell, node: NodeHandle, signer: SharedSigner, integrity: Integrity) -> Self {
-        Self { store, node, signer, integrity }
+        let base = Self { store, node, signer, integrity, sql: None };
+        let sql = crate::sql::LedgerSql::new(base.clone()).ok().map(std::sync::Arc::new);
+        Self { sql, ..base }
+    }
+
+    fn sql(&self) -> Result<&crate::sql::LedgerSql, Status> {
+        self.sql.as_deref().ok_or_else(|| Status::unimplemented("Flight SQL is not available on this node"))
+    }
+
+    /// The linearizable read barrier, for Flight SQL scans.
+    pub(crate) async fn read_barrier_for_sql(&self) -> Result<(), Status> {
+        self.read_barrier(None).await
+    }
+
+    /// What a scan reads: one store, its size, and the damage to refuse.
+    pub(crate) fn scan_inputs(&self) -> Result<(std::sync::Arc<crate::store::Store>, u64, Option<crate::selfcheck::Damage>), Status> {
+        let store = self.store.get();
+        let size = LedgerState::recorded(&store).map_err(|e| Status::internal(e.to_string()))?.map_or(0, |s| s.next_index);
+        Ok((store, size, self.integrity.damage()))
     }
 
     /// Refuses a read that needs entries up to `end` (exclusive) if they are damaged here.
@@ -344,6 +376,9 @@ impl FlightService for LedgerFlight {
         &self,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
+        if request.get_ref().r#type == DescriptorType::Cmd as i32 && !is_json_ticket(&request.get_ref().cmd) {
+            return FlightService::get_flight_info(self.sql()?, request).await;
+        }
         let d = request.into_inner();
         let q = query_of(&d)?;
         Ok(Response::new(flight_info(&q, d)?))
@@ -360,6 +395,9 @@ impl FlightService for LedgerFlight {
         &self,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<SchemaResult>, Status> {
+        if request.get_ref().r#type == DescriptorType::Cmd as i32 && !is_json_ticket(&request.get_ref().cmd) {
+            return FlightService::get_schema(self.sql()?, request).await;
+        }
         let q = query_of(&request.into_inner())?;
         let schema = schema_of(q.table);
         let r: SchemaResult = SchemaAsIpc::new(&schema, &IpcWriteOptions::default())
@@ -369,6 +407,9 @@ impl FlightService for LedgerFlight {
     }
 
     async fn do_get(&self, request: Request<Ticket>) -> Result<Response<Self::DoGetStream>, Status> {
+        if !is_json_ticket(&request.get_ref().ticket) {
+            return FlightService::do_get(self.sql()?, request).await;
+        }
         let q = TicketQuery::parse(&request.get_ref().ticket).map_err(Status::invalid_argument)?;
         info!(table = table_name(q.table), ?q, "flight do_get");
         self.read_barrier(q.max_staleness_ms).await?;
@@ -491,8 +532,10 @@ impl FlightService for LedgerFlight {
                 let r = arrow_flight::Result::new(body.to_string());
                 Ok(Response::new(Box::pin(stream::once(async { Ok(r) }))))
             }
+            // Flight SQL's own actions (prepared statements).
+            "CreatePreparedStatement" | "ClosePreparedStatement" => FlightService::do_action(self.sql()?, Request::new(action)).await,
             other => Err(Status::invalid_argument(format!(
-                "unknown action {other:?}; actions: status, checkpoint, blocks, inclusion_proof, inclusion_proofs, consistency_proof"
+                "unknown action {other:?}; actions: status, checkpoint, blocks, inclusion_proof, inclusion_proofs, consistency_proof, and Flight SQL's CreatePreparedStatement, ClosePreparedStatement"
             ))),
         }
     }

@@ -13,6 +13,7 @@
 //! - [`service`]: the gRPC API proxies and operators call (Append, Status, RenewLease,
 //!   membership).
 //! - [`flight`], [`scan`], [`table`]: Arrow Flight reads of `events`, `sessions`, `entries`.
+//! - [`sql`]: Flight SQL on the same endpoint, planned by DataFusion over the ledger's indexes.
 //! - [`checkpoint`]: this node's ed25519 key, and the rule that it never signs a contradiction.
 //! - [`verify`], [`selfcheck`]: the full check of a stored log (offline, and by a running
 //!   node at start-up and on a schedule, which stops serving a damaged range).
@@ -35,6 +36,7 @@ pub mod scan;
 pub mod selfcheck;
 pub mod server;
 pub mod service;
+pub mod sql;
 pub mod state;
 pub mod store;
 pub mod table;
