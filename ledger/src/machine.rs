@@ -77,6 +77,9 @@ pub struct Lease {
     pub expires_ns: i64,
     /// It lapsed and its open sessions were closed.
     pub lapsed: bool,
+    /// The lease's length, as last renewed (0 in records written before it was kept).
+    #[serde(default)]
+    pub ttl_ns: i64,
 }
 
 /// The outcome of one append request (group) in an applied entry.
@@ -157,6 +160,10 @@ impl LedgerMachine {
             // A ledger written before the Merkle tree existed, or a backfill cut short.
             tracing::info!(from = tree, to = self.state.next_index, "adding the Merkle tree over existing entries");
             crate::state::backfill_tree(&store, tree, self.state.next_index, 10_000)?;
+        }
+        if !crate::state::field_index_complete(&store)? {
+            tracing::info!(entries = self.state.next_index, "indexing existing entries by caller, resource and kind");
+            crate::state::backfill_field_index(&store, 50_000)?;
         }
         (self.applied_index, self.applied_term) = match store.get(cf::META, META_APPLIED)? {
             Some(v) if v.len() == 16 => (u64_at(&v, 0), u64_at(&v, 8)),
@@ -368,6 +375,7 @@ impl LedgerMachine {
                     instance,
                     expires_ns: now_ns.saturating_add(ttl_ns.max(0)),
                     lapsed: false,
+                    ttl_ns: ttl_ns.max(0),
                 };
                 writes.push(lease_put(&proxy_id, &lease));
                 let expires_ns = lease.expires_ns;
@@ -479,11 +487,14 @@ impl LedgerMachine {
     }
 
     /// Leases that have lapsed by `now_ns` and still have open sessions, with the expiry
-    /// seen. (Leader side; the proposal is checked again on apply.)
-    pub fn lapsed_leases(&self, now_ns: i64) -> Vec<(String, Lease)> {
+    /// seen. (Leader side; the proposal is checked again on apply.) A leader that took over
+    /// at `leader_since_ns` gives every lease one full length from then, as etcd's lessor
+    /// does on promotion: proxies could not renew while there was no leader, and a failover
+    /// must not close a live proxy's sessions.
+    pub fn lapsed_leases(&self, now_ns: i64, leader_since_ns: i64) -> Vec<(String, Lease)> {
         self.leases
             .iter()
-            .filter(|(_, l)| !l.lapsed && l.expires_ns <= now_ns)
+            .filter(|(_, l)| !l.lapsed && l.expires_ns.max(leader_since_ns.saturating_add(l.ttl_ns)) <= now_ns)
             .map(|(p, l)| (p.clone(), l.clone()))
             .collect()
     }
@@ -628,5 +639,88 @@ mod tests {
         assert_eq!(err.index(), Some(2), "{err}");
         // Block 2 no longer follows the altered block 1 either; the first fault is named.
         assert!(err.to_string().contains("block 1"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod field_index_tests {
+    use super::*;
+    use crate::table::{Table, TicketQuery};
+    use custody_proto::pb::ledger::AppendGroup;
+    use custody_proto::pb::v1::PgRequest;
+
+    fn ev(seq: u64, subject: &str, resource: &str, kind: EventKind) -> Bytes {
+        Event {
+            proxy_id: "p".into(),
+            session_id: format!("s-{subject}"),
+            seq,
+            kind: kind as i32,
+            identity: Some(Identity { subject: subject.into(), email: format!("{subject}@example.com"), ..Default::default() }),
+            resource: resource.into(),
+            body: Some(event::Body::PgRequest(PgRequest { message: "Query".into(), sql: format!("select {seq}"), ..Default::default() })),
+            ..Default::default()
+        }
+        .encode_to_vec()
+        .into()
+    }
+
+    fn indices(store: &Store, q: TicketQuery) -> Vec<u64> {
+        let size = crate::state::LedgerState::recorded(store).unwrap().unwrap().next_index;
+        let mut out = Vec::new();
+        crate::scan::scan(store, size, &q, None, |b| {
+            let c = b.column_by_name("index").unwrap().as_any().downcast_ref::<arrow::array::UInt64Array>().unwrap().clone();
+            out.extend(c.values().iter().copied());
+            true
+        })
+        .unwrap();
+        out
+    }
+
+    #[test]
+    fn caller_resource_and_kind_filters_walk_their_index_and_an_old_ledger_is_indexed_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let mut m = LedgerMachine::open(StoreCell::new(store.clone()), 1 << 20).unwrap();
+        let mut events = Vec::new();
+        let mut seqs: HashMap<&str, u64> = HashMap::new();
+        for i in 0..30u64 {
+            let who = ["alice", "bob", "carol"][(i % 3) as usize];
+            let res = if i % 2 == 0 { "pg-prod" } else { "pg-dev" };
+            let kind = if i % 5 == 0 { EventKind::Response } else { EventKind::Request };
+            let seq = seqs.entry(who).or_default();
+            events.push(ev(*seq, who, res, kind));
+            *seq += 1;
+        }
+        let cmd = RaftCommand { command: Some(raft_command::Command::Append(AppendCommand { commit_time_ns: 1, groups: vec![AppendGroup { events }] })) };
+        m.apply(1, 1, &cmd.encode_to_vec()).unwrap();
+        let q = |f: fn(&mut TicketQuery)| {
+            let mut q = TicketQuery { table: Table::Events, ..Default::default() };
+            f(&mut q);
+            q
+        };
+        let alice: Vec<u64> = (0..30).filter(|i| i % 3 == 0).collect();
+        assert_eq!(indices(&store, q(|q| q.identity = Some("alice".into()))), alice);
+        assert_eq!(indices(&store, q(|q| q.identity = Some("alice@example.com".into()))), alice, "by email too");
+        assert_eq!(indices(&store, q(|q| q.resource = Some("pg-prod".into()))), (0..30).filter(|i| i % 2 == 0).collect::<Vec<_>>());
+        assert_eq!(indices(&store, q(|q| q.kind = Some("response".into()))), vec![0, 5, 10, 15, 20, 25]);
+        // Combined: the caller's index, the rest checked on the decoded events.
+        assert_eq!(
+            indices(&store, q(|q| {
+                q.identity = Some("alice".into());
+                q.resource = Some("pg-prod".into());
+                q.from_index = Some(6);
+            })),
+            vec![6, 12, 18, 24]
+        );
+        assert!(indices(&store, q(|q| q.identity = Some("alic".into()))).is_empty(), "a prefix of a value is another value");
+
+        // A ledger written before the index: its keys and marker gone, it is rebuilt on open.
+        drop(m);
+        let mut dels: Vec<Put> = store.keys_with_prefix(cf::BY_FIELD, b"").unwrap().map(|k| Put::delete(cf::BY_FIELD, k.unwrap().to_vec())).collect();
+        dels.push(Put::delete(cf::META, b"by_field_complete".to_vec()));
+        store.write(&dels, true).unwrap();
+        assert!(indices(&store, q(|q| q.identity = Some("alice".into()))).is_empty());
+        let _m = LedgerMachine::open(StoreCell::new(store.clone()), 1 << 20).unwrap();
+        assert_eq!(indices(&store, q(|q| q.identity = Some("alice".into()))), alice);
     }
 }

@@ -402,6 +402,8 @@ pub struct Node<T: Transport> {
     root_cache: std::cell::Cell<(u64, custody_proto::merkle::Hash)>,
     next_lease_check: Instant,
     abandon_in_flight: HashMap<String, Instant>,
+    /// When this node last became the leader (wall clock, unix ns).
+    leader_since_ns: i64,
     /// The tree size this leader last proposed to seal up to, and when.
     seal_in_flight: Option<(u64, Instant)>,
     /// When this leader first saw entries that no block holds yet.
@@ -547,6 +549,7 @@ impl<T: Transport> Node<T> {
             abandon_in_flight: HashMap::new(),
             seal_in_flight: None,
             unsealed_since: None,
+            leader_since_ns: now_ns(),
             retired: Vec::new(),
             removed_self: false,
             stopping: false,
@@ -871,7 +874,7 @@ impl<T: Transport> Node<T> {
                 self.next_lease_check = now + self.opts.lease_check;
                 self.abandon_in_flight.retain(|_, at| now.duration_since(*at) < Duration::from_secs(10));
                 let wall = now_ns();
-                for (proxy_id, lease) in self.machine.lapsed_leases(wall) {
+                for (proxy_id, lease) in self.machine.lapsed_leases(wall, self.leader_since_ns) {
                     if self.abandon_in_flight.contains_key(&proxy_id) {
                         continue;
                     }
@@ -984,6 +987,9 @@ impl<T: Transport> Node<T> {
                     self.fail_proposals(|| NodeError::Unknown("this node lost the leadership before the append was committed".into()));
                 }
                 self.role = ss.raft_state;
+                if self.role == StateRole::Leader {
+                    self.leader_since_ns = now_ns();
+                }
             }
         }
         if !ready.messages().is_empty() {

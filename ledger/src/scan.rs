@@ -8,7 +8,7 @@ use arrow::array::RecordBatch;
 use custody_proto::entry::Entry;
 use thiserror::Error;
 
-use crate::state::{by_session_key, Lookup};
+use crate::state::{by_field_prefix, by_session_key, Field, Lookup};
 use crate::store::{cf, Store, StoreError};
 use crate::table::{decode_event, entries_batch, sessions_batch, EventsBuilder, Table, TicketQuery};
 
@@ -114,16 +114,24 @@ pub fn scan(
             if until != i64::MAX {
                 hi = lower_bound(store, lo, hi, until)?;
             }
+            // The most selective index the query names: a session, else a caller, a
+            // resource or a kind; a bare time or index range walks the entries themselves.
+            let field_prefix = match (&q.session_id, &q.identity, &q.resource, &q.kind) {
+                (Some(sid), ..) => Some((cf::BY_SESSION, {
+                    let mut p = by_session_key(sid, 0);
+                    p.truncate(p.len() - 8);
+                    p
+                })),
+                (None, Some(id), ..) => Some((cf::BY_FIELD, by_field_prefix(Field::Identity, id))),
+                (None, None, Some(r), _) => Some((cf::BY_FIELD, by_field_prefix(Field::Resource, r))),
+                (None, None, None, Some(k)) => Some((cf::BY_FIELD, by_field_prefix(Field::Kind, k))),
+                _ => None,
+            };
             let indices: Box<dyn Iterator<Item = Result<(u64, Vec<u8>), ScanError>>> =
-                match &q.session_id {
-                    Some(sid) => {
-                        let prefix = {
-                            let mut p = by_session_key(sid, 0);
-                            p.truncate(p.len() - 8);
-                            p
-                        };
+                match field_prefix {
+                    Some((index_cf, prefix)) => {
                         let keys: Vec<u64> = store
-                            .keys_with_prefix(cf::BY_SESSION, &prefix)?
+                            .keys_with_prefix(index_cf, &prefix)?
                             .filter_map(|k| match k {
                                 Ok(k) => {
                                     let tail = &k[prefix.len()..];

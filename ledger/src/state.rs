@@ -223,6 +223,83 @@ impl<L: Lookup> NodeSource for PendingTree<'_, L> {
     }
 }
 
+/// What the `by_field` index is keyed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Field {
+    /// The caller: subject or email.
+    Identity = 1,
+    /// The resource.
+    Resource = 2,
+    /// The event kind (its name).
+    Kind = 3,
+}
+
+/// The prefix of `field = value` in `cf::BY_FIELD` (values longer than 64 KiB are cut there;
+/// the scan still compares the decoded event).
+pub fn by_field_prefix(field: Field, value: &str) -> Vec<u8> {
+    let v = &value.as_bytes()[..value.len().min(u16::MAX as usize)];
+    let mut k = Vec::with_capacity(3 + v.len() + 8);
+    k.push(field as u8);
+    k.extend_from_slice(&(v.len() as u16).to_be_bytes());
+    k.extend_from_slice(v);
+    k
+}
+
+/// The `by_field` keys of one event at `index`.
+pub fn by_field_keys(ev: &Event, index: u64) -> Vec<Vec<u8>> {
+    let mut values: Vec<(Field, &str)> = Vec::with_capacity(4);
+    if let Some(id) = &ev.identity {
+        if !id.subject.is_empty() {
+            values.push((Field::Identity, &id.subject));
+        }
+        if !id.email.is_empty() && id.email != id.subject {
+            values.push((Field::Identity, &id.email));
+        }
+    }
+    values.push((Field::Resource, &ev.resource));
+    values.push((Field::Kind, crate::table::kind_name(ev.kind)));
+    values
+        .into_iter()
+        .map(|(f, v)| {
+            let mut k = by_field_prefix(f, v);
+            k.extend_from_slice(&index.to_be_bytes());
+            k
+        })
+        .collect()
+}
+
+const META_FIELD_INDEX: &[u8] = b"by_field_complete";
+
+/// Whether the `by_field` index covers every entry: recorded by [`backfill_field_index`],
+/// which every store goes through once (at once when it is empty); appends index as they go.
+pub fn field_index_complete(store: &Store) -> Result<bool, StoreError> {
+    Ok(store.get(cf::META, META_FIELD_INDEX)?.is_some())
+}
+
+/// Indexes every stored entry by field (for a ledger written before the index existed), in
+/// writes of at most `chunk` entries, then records the index as complete.
+pub fn backfill_field_index(store: &Store, chunk: usize) -> Result<u64, StoreError> {
+    let mut n = 0u64;
+    let mut writes = Vec::new();
+    for r in store.entries_from(0)? {
+        let (index, bytes) = r?;
+        let e = Entry::decode(&bytes).map_err(|e| StoreError::Corrupt(format!("entry {index}: {e}")))?;
+        let ev = Event::decode(e.event).map_err(|e| StoreError::Corrupt(format!("entry {index}: event: {e}")))?;
+        for k in by_field_keys(&ev, index) {
+            writes.push(Put::new(cf::BY_FIELD, k, Vec::new()));
+        }
+        n += 1;
+        if writes.len() >= chunk {
+            store.write(&writes, false)?;
+            writes.clear();
+        }
+    }
+    writes.push(Put::new(cf::META, META_FIELD_INDEX.to_vec(), vec![1]));
+    store.write(&writes, true)?;
+    Ok(n)
+}
+
 /// The writes that add the leaf `entry` at `index` to the Merkle tree.
 fn tree_writes<L: Lookup>(lookup: &L, pending: &mut HashMap<(u8, u64), Hash>, index: u64, entry: &[u8], writes: &mut Vec<Put>) -> Result<(), StoreError> {
     let nodes = nodes_completed_by(&PendingTree { base: lookup, nodes: pending }, index, leaf_hash(entry))?;
@@ -507,13 +584,20 @@ impl LedgerState {
                     }
                 };
                 if !same {
-                    return Err(ApplyError::Refused {
-                        position,
-                        reason: format!(
-                            "session {} seq {} is already recorded at index {index} with different content",
-                            ev.session_id, ev.seq
-                        ),
-                    });
+                    // The ledger itself may have written that seq: the session-end of a
+                    // proxy run whose lease lapsed. Say so, rather than "different content".
+                    let closed = lookup
+                        .entry_at(index)?
+                        .and_then(|b| Entry::decode(&b).ok().and_then(|e| Event::decode(e.event).ok()))
+                        .and_then(|stored| match stored.body {
+                            Some(event::Body::SessionEnd(end)) if end.reason == END_ABANDONED => Some(end.detail),
+                            _ => None,
+                        });
+                    let reason = match closed {
+                        Some(detail) => format!("session {} was closed by the ledger at index {index}: {detail}", ev.session_id),
+                        None => format!("session {} seq {} is already recorded at index {index} with different content", ev.session_id, ev.seq),
+                    };
+                    return Err(ApplyError::Refused { position, reason });
                 }
                 results.push(AppendResult {
                     index,
@@ -541,6 +625,9 @@ impl LedgerState {
             writes.push(Put::new(cf::ENTRIES, index.to_be_bytes().to_vec(), entry));
             writes.push(Put::new(cf::IDEM, key.clone(), index.to_be_bytes().to_vec()));
             writes.push(Put::new(cf::BY_SESSION, by_session_key(&ev.session_id, index), Vec::new()));
+            for k in by_field_keys(&ev, index) {
+                writes.push(Put::new(cf::BY_FIELD, k, Vec::new()));
+            }
             seen.insert(key, index);
             let was_open = summary.status == "open";
             let summary = fold_session(summary, &ev, index, commit);

@@ -32,8 +32,11 @@ pub mod cf {
     pub const MERKLE: &str = "merkle";
     /// height (u64 BE) -> the block header's canonical bytes (`custody_proto::block`).
     pub const BLOCKS: &str = "blocks";
+    /// field tag (u8), value length (u16 BE), value, index (u64 BE) -> empty: events by
+    /// caller (subject and email), resource and kind, so that those filters walk an index.
+    pub const BY_FIELD: &str = "by_field";
     /// All of them.
-    pub const ALL: [&str; 9] = [ENTRIES, IDEM, SESSIONS, BY_SESSION, META, OPEN_SESSIONS, LEASES, MERKLE, BLOCKS];
+    pub const ALL: [&str; 10] = [ENTRIES, IDEM, SESSIONS, BY_SESSION, META, OPEN_SESSIONS, LEASES, MERKLE, BLOCKS, BY_FIELD];
 }
 
 /// A storage failure.
