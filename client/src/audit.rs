@@ -136,8 +136,11 @@ async fn pull_entries(url: &str, from: u64, to: u64) -> anyhow::Result<Vec<(u64,
 fn check_indices(entries: &[(u64, Vec<u8>)], from: u64, to: u64) -> anyhow::Result<()> {
     for (pos, (index, _)) in entries.iter().enumerate() {
         let want = from + pos as u64;
+        if *index > want {
+            bail!("index {want}: entry missing (the next entry found is {index}); the log was truncated or an entry deleted");
+        }
         if *index != want {
-            bail!("index {want}: entry missing (next entry served is {index}); the log was truncated or an entry deleted");
+            bail!("index {want}: entry {index} found in its place; entries are out of order or repeated");
         }
     }
     let got = from + entries.len() as u64;
@@ -379,8 +382,19 @@ pub async fn bundle(url: &str, out: &Path, from: Option<u64>, to: Option<u64>, c
     let cp = Checkpoint::parse(&SignedNote::parse(&note)?.text)?;
     let from = from.unwrap_or(0);
     let to = to.unwrap_or(cp.size);
-    anyhow::ensure!(from <= to && to <= cp.size, "--from {from} --to {to} must lie within the checkpoint's {} entries", cp.size);
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    anyhow::ensure!(from < to, "--from {from} must be before --to {to} (the range is from..to, to exclusive)");
+    anyhow::ensure!(to <= cp.size, "--to {to} is beyond the checkpoint's {} entries", cp.size);
+    if let Some(bad) = consistency_from.iter().find(|f| **f > cp.size) {
+        bail!("--consistency-from {bad} is beyond the checkpoint's {} entries", cp.size);
+    }
+    // Written whole into a fresh directory beside OUT, then moved there: a failure leaves no
+    // half-written bundle.
+    anyhow::ensure!(!out.exists() || std::fs::read_dir(out).map(|mut d| d.next().is_none()).unwrap_or(false), "{} exists and is not empty; bundles are written to a new directory", out.display());
+    let final_out = out.to_path_buf();
+    let tmp = final_out.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let out = tmp.as_path();
     let entries = pull_entries(url, from, to).await?;
     check_indices(&entries, from, to)?;
     let whole = from == 0 && to == cp.size;
@@ -402,9 +416,11 @@ pub async fn bundle(url: &str, out: &Path, from: Option<u64>, to: Option<u64>, c
     }
     write_file(&out.join("entries.jsonl"), lines.as_bytes())?;
     let mut blocks = String::new();
+    let mut n_blocks = 0u64;
     for b in pull_blocks(url).await?.iter().filter(|b| b.tree_size <= cp.size) {
         blocks.push_str(&json!({"header": B64.encode(b.encode())}).to_string());
         blocks.push('\n');
+        n_blocks += 1;
     }
     write_file(&out.join("blocks.jsonl"), blocks.as_bytes())?;
     let mut cons = String::new();
@@ -414,10 +430,12 @@ pub async fn bundle(url: &str, out: &Path, from: Option<u64>, to: Option<u64>, c
         cons.push('\n');
     }
     write_file(&out.join("consistency.jsonl"), cons.as_bytes())?;
-    let manifest = json!({"format": BUNDLE_FORMAT, "origin": cp.origin, "size": cp.size, "from": from, "to": to});
+    let manifest = json!({"format": BUNDLE_FORMAT, "origin": cp.origin, "size": cp.size, "from": from, "to": to, "blocks": n_blocks});
     write_file(&out.join("manifest.json"), serde_json::to_string_pretty(&manifest)?.as_bytes())?;
     write_file(&out.join("checkpoint"), note.as_bytes())?;
-    println!("wrote {}: entries {from}..{to} of the checkpoint at size {}", out.display(), cp.size);
+    let _ = std::fs::remove_dir(&final_out);
+    std::fs::rename(out, &final_out).with_context(|| format!("moving {} to {}", out.display(), final_out.display()))?;
+    println!("wrote {}: entries {from}..{to} of the checkpoint at size {}", final_out.display(), cp.size);
     Ok(())
 }
 
@@ -438,14 +456,23 @@ fn jsonl(path: &Path) -> anyhow::Result<Vec<Value>> {
     Ok(out)
 }
 
+fn manifest_origin_ok(dir: &Path, cp: &Checkpoint) -> anyhow::Result<bool> {
+    let m: Value = serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).with_context(|| format!("reading {}/manifest.json", dir.display()))?)
+        .context("manifest.json is not JSON")?;
+    Ok(m["origin"].as_str() == Some(cp.origin.as_str()) && m["size"].as_u64() == Some(cp.size))
+}
+
 /// `custody verify --offline DIR`: the same checks as online, on an export bundle.
 pub fn verify_offline(dir: &Path, keys: &[String]) -> anyhow::Result<()> {
     anyhow::ensure!(!keys.is_empty(), "offline verification needs pinned ledger keys (--key, or ledger_keys in the config): a bundle's own keys prove nothing");
     let pinned: Vec<VerifierKey> = keys.iter().map(|k| VerifierKey::parse(k).with_context(|| format!("--key {k}"))).collect::<Result<_, _>>()?;
     let note_text = std::fs::read_to_string(dir.join("checkpoint")).with_context(|| format!("reading {}/checkpoint", dir.display()))?;
     let note = SignedNote::parse(&note_text).context("the bundle's checkpoint is not a signed note")?;
+    anyhow::ensure!(!note.signatures.is_empty(), "the bundle's checkpoint carries no signatures");
     let signers = note.verify(&pinned).context("no pinned key signed the bundle's checkpoint")?;
+    crate::query::check_quorum(&note, &signers, &pinned)?;
     let cp = Checkpoint::parse(&note.text)?;
+    anyhow::ensure!(manifest_origin_ok(dir, &cp)?, "manifest.json does not describe this checkpoint (origin and size must match it)");
     let manifest: Value = serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).with_context(|| format!("reading {}/manifest.json", dir.display()))?)
         .context("manifest.json is not JSON")?;
     anyhow::ensure!(manifest["format"] == BUNDLE_FORMAT, "not a {BUNDLE_FORMAT} bundle (format {})", manifest["format"]);
@@ -455,7 +482,7 @@ pub fn verify_offline(dir: &Path, keys: &[String]) -> anyhow::Result<()> {
     let mut entries = Vec::new();
     let mut proofs = Vec::new();
     for v in jsonl(&dir.join("entries.jsonl"))? {
-        let index = v["index"].as_u64().context("an entry line has no index")?;
+        let index = v["index"].as_u64().with_context(|| format!("entries.jsonl line {}: no index, or not a non-negative integer", entries.len() + 1))?;
         let e = B64.decode(v["entry"].as_str().with_context(|| format!("index {index}: no entry"))?).with_context(|| format!("index {index}: entry is not base64"))?;
         if !v["proof"].is_null() {
             proofs.push(b64_hashes(&v["proof"]).with_context(|| format!("index {index}"))?);
@@ -504,9 +531,31 @@ pub fn verify_offline(dir: &Path, keys: &[String]) -> anyhow::Result<()> {
         let bytes = B64.decode(v["header"].as_str().context("a block line has no header")?).with_context(|| format!("blocks.jsonl line {}", n + 1))?;
         headers.push(BlockHeader::decode(&bytes).with_context(|| format!("blocks.jsonl line {}", n + 1))?);
     }
-    let checked = if whole { check_blocks(&headers, &tree)? } else { 0 };
-    // Consistency with what this machine verified before.
-    if let Some(last) = last_verified(&cp.origin)? {
+    // Every bundle's headers must link, and the manifest says how many it holds; a whole
+    // bundle also checks each root against the entries.
+    let mut prev = None;
+    for b in &headers {
+        b.check_follows(prev).map_err(|e| anyhow!("blocks.jsonl: {e}"))?;
+        anyhow::ensure!(b.tree_size <= cp.size, "blocks.jsonl: block {} goes beyond the checkpoint's {} entries", b.height, cp.size);
+        if b.tree_size == cp.size {
+            anyhow::ensure!(b.root == cp.root, "blocks.jsonl: block {} commits to another root than the signed checkpoint at the same size", b.height);
+        }
+        prev = Some(b);
+    }
+    if let Some(n) = manifest["blocks"].as_u64() {
+        anyhow::ensure!(headers.len() as u64 == n, "the bundle holds {} block headers, its manifest says {n}", headers.len());
+    }
+    let checked = if whole { check_blocks(&headers, &tree)? } else { headers.len() as u64 };
+    // Consistency with what this machine verified before. An older checkpoint than that is
+    // verified on its own (an old export) and leaves the remembered one alone.
+    let mut remember = true;
+    if let Some(last) = last_verified(&cp.origin)?.filter(|l| l.size > cp.size) {
+        remember = false;
+        eprintln!(
+            "custody: note: this bundle's checkpoint (size {}) is older than the one this machine verified (size {}); it is checked on its own, not linked to it",
+            cp.size, last.size
+        );
+    } else if let Some(last) = last_verified(&cp.origin)? {
         let proof = if whole && last.size <= cp.size {
             // The entries themselves give the old root.
             let old = merkle::root(&tree, last.size).map_err(|e| anyhow!("{e}"))?;
@@ -527,14 +576,17 @@ pub fn verify_offline(dir: &Path, keys: &[String]) -> anyhow::Result<()> {
             None => check_extends(&last, &cp, None)?,
         };
         if !linked {
+            remember = false;
             eprintln!(
-                "custody: warning: cannot link this checkpoint to the one verified before (size {}): the bundle starts after entry 0 and has no consistency proof from that size (export it with --consistency-from {})",
+                "custody: warning: cannot link this checkpoint to the one verified before (size {}): the bundle starts after entry 0 and has no consistency proof from that size (export it with --consistency-from {}); the remembered checkpoint is kept",
                 last.size, last.size
             );
         }
     }
-    save_verified(&cp.origin, &note_text)?;
+    if remember {
+        save_verified(&cp.origin, &note_text)?;
+    }
     println!("ok: checkpoint at size {} signed by {}", cp.size, signers.join(", "));
-    println!("ok: entries {from}..{to} verified offline ({} with inclusion proofs); {checked} blocks checked", if whole { 0 } else { entries.len() });
+    println!("ok: entries {from}..{to} verified offline ({} with inclusion proofs); {checked} blocks checked{}", if whole { 0 } else { entries.len() }, if whole { "" } else { " (links only: their roots need the whole log)" });
     Ok(())
 }

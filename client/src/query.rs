@@ -343,7 +343,38 @@ pub async fn checkpoint(url: &str, size: Option<u64>, pinned: &[String]) -> anyh
         }
     } else {
         let signed = note.verify(&pinned).context("no pinned key signed this checkpoint")?;
+        check_quorum(&note, &signed, &pinned)?;
         eprintln!("custody: verified signatures by {} of {} pinned keys", signed.len(), pinned.len());
     }
     Ok(note.encode())
+}
+
+/// A checkpoint counts only when a majority of the pinned signers (distinct key names: a
+/// node's old and new key after a rotation are one signer) signed it, so that no single node
+/// can vouch for a tree alone. A pinned name that signed with a key id not pinned (a rotated
+/// key) is named, so that its new key can be pinned.
+pub fn check_quorum(note: &custody_proto::note::SignedNote, signed: &[String], pinned: &[custody_proto::note::VerifierKey]) -> anyhow::Result<()> {
+    let mut names: Vec<&str> = pinned.iter().map(|k| k.name.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    for s in &note.signatures {
+        if names.contains(&s.name.as_str()) && !signed.contains(&s.name) && !pinned.iter().any(|k| k.name == s.name && k.id == s.key_id) {
+            eprintln!(
+                "custody: warning: {} signed with key id {} which is not pinned (was its key rotated? its new key is in the ledger's status)",
+                s.name,
+                s.key_id.iter().map(|b| format!("{b:02x}")).collect::<String>()
+            );
+        }
+    }
+    let need = names.len() / 2 + 1;
+    if signed.len() < need {
+        let missing: Vec<&str> = names.iter().copied().filter(|n| !signed.iter().any(|s| s == n)).collect();
+        anyhow::bail!(
+            "only {} of {} pinned signers signed this checkpoint (a majority, {need}, is needed); missing: {}",
+            signed.len(),
+            names.len(),
+            missing.join(", ")
+        );
+    }
+    Ok(())
 }

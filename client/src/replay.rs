@@ -151,6 +151,13 @@ pub async fn replay(url: &str, o: &ReplayOptions) -> anyhow::Result<()> {
     let mut last: Option<i64> = None;
     let mut printed = 0u64;
     let stdout = std::io::stdout();
+    if o.follow {
+        // Tailing waits for new events, not for a session that was never recorded.
+        let known = fetch(url, &json!({"table": "sessions", "session_id": o.session})).await?.iter().map(|b| b.num_rows()).sum::<usize>();
+        if known == 0 {
+            bail!("no session {:?} is recorded (see `custody sessions` for ids)", o.session);
+        }
+    }
     loop {
         let events = session_events(url, &o.session, next).await?;
         let mut ended = false;

@@ -264,6 +264,15 @@ fn a_tampered_node_is_named_by_verify_and_stops_serving_the_damaged_range_itself
     std::fs::write(part.join("entries.jsonl"), l.iter().map(|v| format!("{v}\n")).collect::<String>()).unwrap();
     let (ok, out) = custody_keyed(&dir.path().join("home-offline"), &["verify", "--offline", part.to_str().unwrap()], &keys);
     assert!(!ok && out.contains("index 15: the entry is not in the signed checkpoint"), "{out}");
+    // One signature of three pinned is not enough: a majority of the pinned signers is.
+    let lone = dir.path().join("bundle-lone");
+    assert!(Command::new("cp").arg("-a").arg(&bundle).arg(&lone).status().unwrap().success());
+    let note = std::fs::read_to_string(lone.join("checkpoint")).unwrap();
+    let (body, sigs) = note.split_once("\n\n").unwrap();
+    let first_sig = sigs.lines().next().unwrap();
+    std::fs::write(lone.join("checkpoint"), format!("{body}\n\n{first_sig}\n")).unwrap();
+    let (ok, out) = custody_keyed(&dir.path().join("home-lone"), &["verify", "--offline", lone.to_str().unwrap()], &keys);
+    assert!(!ok && out.contains("only 1 of 3 pinned signers"), "{out}");
     // Without pinned keys a bundle proves nothing, and says so.
     let (ok, out) = custody_keyed(&dir.path().join("home-offline"), &["verify", "--offline", bundle.to_str().unwrap()], &[]);
     assert!(!ok && out.contains("needs pinned ledger keys"), "{out}");
@@ -385,6 +394,12 @@ fn a_tampered_node_is_named_by_verify_and_stops_serving_the_damaged_range_itself
     assert!(ok && out.contains("3 of 3 pinned keys"), "{out}");
     let (ok, out) = custody_keyed(&dir.path().join("home-rotated"), &["verify", "--flight", &flight3], &rotated);
     assert!(ok && out.contains("65 entries verified"), "{out}");
+    // An older export still verifies on its own once a newer checkpoint is remembered.
+    let (ok, out) = custody_keyed(&dir.path().join("home-rotated"), &["verify", "--offline", bundle.to_str().unwrap()], &keys);
+    assert!(ok && out.contains("older than the one this machine verified"), "{out}");
+    // A running node's key is not rotated under it.
+    let out = Command::new(bin("custody-ledger")).args(["rotate-key", "--config"]).arg(&c.nodes[&1].config).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("stop the node before rotating its key"), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]

@@ -239,8 +239,15 @@ impl LedgerFlight {
     /// Block headers from `from` (height, default 0), at most `limit` (default and most 10000),
     /// up to the damaged range if there is one.
     fn blocks(&self, req: &serde_json::Value) -> Result<serde_json::Value, Status> {
-        let from = req["from"].as_u64().unwrap_or(0);
-        let limit = req["limit"].as_u64().unwrap_or(10_000).min(10_000) as usize;
+        if !(req.is_object() || req.is_null()) {
+            return Err(Status::invalid_argument("the blocks body must be a JSON object such as {\"from\": 0, \"limit\": 100}"));
+        }
+        let int = |field: &str, default: u64| match &req[field] {
+            serde_json::Value::Null => Ok(default),
+            v => v.as_u64().ok_or_else(|| Status::invalid_argument(format!("{field} must be a non-negative integer"))),
+        };
+        let from = int("from", 0)?;
+        let limit = int("limit", 10_000)?.min(10_000) as usize;
         let store = self.store.get();
         let mut out = Vec::new();
         let damaged = self.integrity.damage();

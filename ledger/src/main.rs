@@ -440,6 +440,12 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::RotateKey { config } => {
             let cfg = custody_ledger::config::LedgerConfig::load(&config)?;
+            // A running node holds its store's lock and keeps signing with the key it loaded.
+            if let Ok(state) = DataLayout::new(&cfg.data_dir).and_then(|l| l.state_dir()) {
+                if state.exists() {
+                    Store::open(&state).with_context(|| format!("{} is in use: stop the node before rotating its key", cfg.data_dir.display()))?;
+                }
+            }
             let (old, new) = custody_ledger::checkpoint::CheckpointSigner::rotate(&cfg.data_dir, &cfg.checkpoint_origin(), &cfg.node_id)
                 .context("rotating the checkpoint key")?;
             println!("retired {old}");
