@@ -100,7 +100,13 @@ pub async fn client(url: &str) -> anyhow::Result<FlightClient> {
         .connect()
         .await
         .with_context(|| format!("cannot reach the ledger's Flight endpoint {url}"))?;
-    Ok(FlightClient::new(ch))
+    let mut c = FlightClient::new(ch);
+    // A ledger with `[readers]` wants an auditor's token: send the caller's (CUSTODY_TOKEN or
+    // the login cache) when there is one. A ledger without it ignores the header.
+    if let Ok((token, _)) = crate::token::resolve(None).await {
+        c.add_header("authorization", &format!("Bearer {token}")).context("the token is not a valid header value")?;
+    }
+    Ok(c)
 }
 
 /// Runs a ticket and collects the batches.

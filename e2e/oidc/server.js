@@ -6,6 +6,7 @@
 //   ci-client / ci-secret      client_credentials; groups ["ci", "dba"]
 //   ci-nogroups / ci-secret    client_credentials; no groups
 //   ci-short / ci-secret       client_credentials; tokens live 2 seconds
+//   ci-auditor / ci-secret     client_credentials; groups ["auditors"]
 //   custody-cli                public native client: authorization code + PKCE, loopback redirect
 // Users (dev interactions accept any password): alice -> groups ["dba"], anyone else -> [].
 // Access tokens are RS256 JWTs for the requested resource (RFC 8707), default urn:custody.
@@ -13,7 +14,7 @@ import http from 'node:http';
 import crypto from 'node:crypto';
 import Provider from 'oidc-provider';
 
-const GROUPS = { alice: ['dba'], 'ci-client': ['ci', 'dba'], 'ci-short': ['ci', 'dba'] };
+const GROUPS = { alice: ['dba'], 'ci-client': ['ci', 'dba'], 'ci-short': ['ci', 'dba'], 'ci-auditor': ['auditors'] };
 
 function rsaKey() {
   const { privateKey } = crypto.generateKeyPairSync('rsa', { modulusLength: 2048 });
@@ -40,6 +41,7 @@ const provider = new Provider(issuer, {
     ccClient('ci-client'),
     ccClient('ci-nogroups'),
     ccClient('ci-short'),
+    ccClient('ci-auditor'),
     {
       client_id: 'custody-cli',
       application_type: 'native',

@@ -73,7 +73,7 @@ fn every_bad_token_is_refused_with_the_check_that_failed() {
     let other = Oidc::start(stack.dir.path()).unwrap();
     let foreign = r.block_on(other.client_token("ci-client", "urn:custody")).unwrap();
     let err = connect_refused(&stack, "pg", &foreign);
-    assert!(err.contains("is not trusted by this proxy"), "{err}");
+    assert!(err.contains("is not trusted here"), "{err}");
 
     let short = r.block_on(stack.oidc.client_token("ci-short", "urn:custody")).unwrap();
     std::thread::sleep(Duration::from_secs(3));
@@ -281,4 +281,63 @@ fn a_rotated_issuer_key_is_fetched_on_first_sight_and_the_retired_key_is_refused
     std::thread::sleep(Duration::from_secs(11));
     let err = connect_refused(&stack, "pg", &old);
     assert!(err.contains("no key in the issuer's JWKS matches"), "{err}");
+}
+
+/// A ledger with `[readers]`: the audit log is read only with an auditor's token, while the
+/// public face of the log (status, checkpoints) stays open to verifiers.
+#[test]
+fn reading_the_audit_log_needs_a_token_in_an_auditor_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let oidc = Oidc::start(d).unwrap();
+    let (grpc, http) = (std::net::SocketAddr::from(([127, 0, 0, 1], free_port())), std::net::SocketAddr::from(([127, 0, 0, 1], free_port())));
+    let cfg = d.join("ledger.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "data_dir = \"{}\"\nlisten = \"{grpc}\"\nhttp_listen = \"{http}\"\n\n[readers]\ngroups = [\"auditors\"]\nissuers = [{{ issuer = \"{}\", audiences = [\"urn:custody-ledger\"] }}]\n",
+            d.join("ledger").display(),
+            oidc.issuer
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(bin("custody-ledger"));
+    cmd.args(["serve", "--config"]).arg(&cfg);
+    let mut p = Proc::spawn("ledger", cmd, d).unwrap();
+    wait_tcp(grpc, "custody-ledger", &mut p).unwrap();
+    let flight = format!("grpc://{grpc}");
+    rt().block_on(async {
+        let c = custody_proxy::ledger_client::LedgerClient::new(&[grpc.to_string()], Duration::from_secs(10)).unwrap();
+        for seq in 0..3u64 {
+            let ev = custody_proto::Event { proxy_id: "e2e".into(), session_id: "s".into(), seq, kind: custody_proto::EventKind::Request as i32, ..Default::default() };
+            c.append(vec![prost::Message::encode_to_vec(&ev).into()]).await.unwrap();
+        }
+    });
+    let home = d.join("home");
+    let events = |token: Option<&str>| {
+        let out = custody_cmd(&home, token).args(["events", "--format", "json", "--flight", &flight]).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let (ok, _, err) = events(None);
+    assert!(!ok && err.contains("needs a bearer token of an auditor"), "{err}");
+    let dba = rt().block_on(oidc.client_token("ci-client", "urn:custody-ledger")).unwrap();
+    let (ok, _, err) = events(Some(&dba));
+    assert!(!ok && err.contains("include none of the auditor groups [auditors]"), "{err}");
+    let wrong_audience = rt().block_on(oidc.client_token("ci-auditor", "urn:custody")).unwrap();
+    let (ok, _, err) = events(Some(&wrong_audience));
+    assert!(!ok && err.contains("token refused"), "{err}");
+    let auditor = rt().block_on(oidc.client_token("ci-auditor", "urn:custody-ledger")).unwrap();
+    let (ok, out, err) = events(Some(&auditor));
+    assert!(ok && out.lines().count() == 3, "{out}{err}");
+    assert!(!out.contains(&auditor) && !err.contains(&auditor), "the token is never printed");
+    // Verification: checkpoints are public; pulling the entries needs the auditor.
+    let out = custody_cmd(&home, None).args(["checkpoint", "--flight", &flight]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = custody_cmd(&home, Some(&auditor)).args(["verify", "--flight", &flight]).output().unwrap();
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("3 entries verified"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = custody_cmd(&home, None).args(["verify", "--flight", &flight]).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("needs a bearer token"), "{}", String::from_utf8_lossy(&out.stderr));
+    // The ledger's log names readers, never their tokens.
+    let log = p.log_text();
+    assert!(log.contains("audit log read") && !log.contains(&auditor), "{log}");
 }

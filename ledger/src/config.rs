@@ -33,6 +33,13 @@
 //! max_entries = 1024                      # seal a block every N entries (0: no blocks)
 //! max_delay_ms = 1000                     # ... or once the oldest unsealed entry is T ms old
 //!
+//! [readers]                              # who may read the audit log (Flight, Flight SQL)
+//! groups = ["auditors"]                   # the token must carry one of these groups
+//! issuers = [{ issuer = "https://idp.example.com", audiences = ["urn:custody-ledger"] }]
+//!                                         # absent: reads are not authenticated (a warning
+//!                                         # at start); checkpoints, blocks and consistency
+//!                                         # proofs are public either way
+//!
 //! [self_check]
 //! on_start = true                         # check the stored log against the last signed
 //! interval_s = 3600                       # checkpoint at start and then every interval (0: never)
@@ -82,6 +89,18 @@ pub struct LedgerConfig {
     /// The node's check of its own stored log.
     #[serde(default)]
     pub self_check: SelfCheckConfig,
+    /// Who may read events, sessions and entries; absent: anyone who reaches the node.
+    pub readers: Option<ReadersConfig>,
+}
+
+/// The tokens that may read the audit log.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReadersConfig {
+    /// Issuers whose bearer tokens are accepted.
+    pub issuers: Vec<custody_auth::IssuerConfig>,
+    /// A reader's token must carry one of these groups.
+    pub groups: Vec<String>,
 }
 
 /// When the leader seals entries into blocks (through Raft; every node signs each block's
@@ -312,11 +331,17 @@ impl LedgerConfig {
             checkpoint: CheckpointConfig::default(),
             blocks: BlocksConfig::default(),
             self_check: SelfCheckConfig::default(),
+            readers: None,
         }
     }
 
     /// Checks what can be checked without touching the network or the disk.
     pub fn check(&self) -> anyhow::Result<()> {
+        if let Some(r) = &self.readers {
+            if r.issuers.is_empty() || r.groups.is_empty() {
+                bail!("[readers] needs at least one issuer and one auditor group (or leave [readers] out to allow every reader)");
+            }
+        }
         let c = &self.cluster;
         if c.id == 0 {
             bail!("cluster.id must be a positive number");

@@ -45,6 +45,8 @@ pub struct LedgerFlight {
     integrity: Integrity,
     /// Flight SQL, for descriptors, tickets and actions that are not this service's own.
     sql: Option<std::sync::Arc<crate::sql::LedgerSql>>,
+    /// Who may read; `None`: anyone.
+    readers: Option<std::sync::Arc<crate::readers::ReaderGate>>,
 }
 
 impl std::fmt::Debug for LedgerFlight {
@@ -66,9 +68,23 @@ impl LedgerFlight {
     /// A Flight service over the node's state machine, signing checkpoints with `signer` and
     /// refusing reads of whatever `integrity` records as damaged.
     pub fn new(store: StoreCell, node: NodeHandle, signer: SharedSigner, integrity: Integrity) -> Self {
-        let base = Self { store, node, signer, integrity, sql: None };
+        let base = Self { store, node, signer, integrity, sql: None, readers: None };
         let sql = crate::sql::LedgerSql::new(base.clone()).ok().map(std::sync::Arc::new);
         Self { sql, ..base }
+    }
+
+    /// Requires readers' tokens to pass `gate`.
+    pub fn with_readers(mut self, gate: crate::readers::ReaderGate) -> Self {
+        self.readers = Some(std::sync::Arc::new(gate));
+        self
+    }
+
+    /// The reader of a request (`None` when reads are open), or the refusal.
+    async fn reader(&self, md: &tonic::metadata::MetadataMap) -> Result<Option<custody_proto::Identity>, Status> {
+        match &self.readers {
+            None => Ok(None),
+            Some(g) => g.check(md).await.map(Some),
+        }
     }
 
     fn sql(&self) -> Result<&crate::sql::LedgerSql, Status> {
@@ -383,6 +399,7 @@ impl FlightService for LedgerFlight {
         &self,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
+        self.reader(request.metadata()).await?;
         if request.get_ref().r#type == DescriptorType::Cmd as i32 && !is_json_ticket(&request.get_ref().cmd) {
             return FlightService::get_flight_info(self.sql()?, request).await;
         }
@@ -402,6 +419,7 @@ impl FlightService for LedgerFlight {
         &self,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<SchemaResult>, Status> {
+        self.reader(request.metadata()).await?;
         if request.get_ref().r#type == DescriptorType::Cmd as i32 && !is_json_ticket(&request.get_ref().cmd) {
             return FlightService::get_schema(self.sql()?, request).await;
         }
@@ -414,6 +432,10 @@ impl FlightService for LedgerFlight {
     }
 
     async fn do_get(&self, request: Request<Ticket>) -> Result<Response<Self::DoGetStream>, Status> {
+        let reader = self.reader(request.metadata()).await?;
+        if let Some(r) = &reader {
+            info!(reader = %r.subject, issuer = %r.issuer, "audit log read");
+        }
         if !is_json_ticket(&request.get_ref().ticket) {
             return FlightService::do_get(self.sql()?, request).await;
         }
@@ -467,6 +489,10 @@ impl FlightService for LedgerFlight {
         &self,
         request: Request<Action>,
     ) -> Result<Response<Self::DoActionStream>, Status> {
+        // Proofs of inclusion carry an entry's bytes, prepared statements read the log.
+        if matches!(request.get_ref().r#type.as_str(), "inclusion_proof" | "inclusion_proofs" | "CreatePreparedStatement" | "ClosePreparedStatement") {
+            self.reader(request.metadata()).await?;
+        }
         let action = request.into_inner();
         match action.r#type.as_str() {
             "status" => {

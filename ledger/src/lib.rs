@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod node;
 pub mod peer;
 pub mod raft_log;
+pub mod readers;
 pub mod scan;
 pub mod selfcheck;
 pub mod server;

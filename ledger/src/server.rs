@@ -224,7 +224,14 @@ async fn run_node(cfg: LedgerConfig, shutdown: impl Future<Output = ()> + Send +
         .context("opening this node's checkpoint key")?;
     info!(key = %signer.verifier(), "checkpoint verifier key");
     let signer: SharedSigner = Arc::new(tokio::sync::Mutex::new(signer));
-    let flight = LedgerFlight::new(store.clone(), handle.clone(), signer.clone(), integrity.clone());
+    let mut flight = LedgerFlight::new(store.clone(), handle.clone(), signer.clone(), integrity.clone());
+    match &cfg.readers {
+        Some(r) => {
+            flight = flight.with_readers(crate::readers::ReaderGate::new(r).context("setting up the readers' token check")?);
+            info!(groups = ?r.groups, issuers = r.issuers.len(), "reading the audit log needs an auditor's token");
+        }
+        None => warn!("reads are not authenticated: anyone who reaches {} can read the audit log; configure [readers] with issuers and auditor groups", cfg.listen),
+    }
     tokio::spawn(sign_blocks(handle.clone(), store.clone(), signer.clone(), integrity.clone(), metrics.clone(), cfg.self_check.on_start));
     if cfg.self_check.on_start || cfg.self_check.interval_s > 0 {
         tokio::spawn(self_checks(cfg.self_check.clone(), store.clone(), signer.clone(), integrity.clone(), metrics.clone()));

@@ -100,21 +100,7 @@ pub struct TlsConfig {
     pub key: PathBuf,
 }
 
-/// An accepted OpenID issuer.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IssuerConfig {
-    /// Issuer URL, exactly as in tokens' `iss`.
-    pub issuer: String,
-    /// Accepted `aud` values (one must match).
-    pub audiences: Vec<String>,
-    /// Claim holding the caller's groups.
-    #[serde(default = "default_groups_claim")]
-    pub groups_claim: String,
-    /// Seconds of clock skew tolerated on `exp`, `nbf` and `iat`.
-    #[serde(default = "default_leeway")]
-    pub leeway_secs: u64,
-}
+pub use custody_auth::IssuerConfig;
 
 /// How the proxy reaches a PostgreSQL target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -214,12 +200,6 @@ fn default_max_message() -> usize {
 }
 fn default_max_sessions() -> usize {
     4096
-}
-fn default_groups_claim() -> String {
-    "groups".into()
-}
-fn default_leeway() -> u64 {
-    60
 }
 fn default_protocol() -> String {
     "postgres".into()

@@ -11,7 +11,7 @@
 //! **Architecture Invariant:** only this crate touches target credentials, and only
 //! `pg::target` uses them. They reach no event, log line or error message.
 
-pub mod auth;
+pub use custody_auth as auth;
 pub mod cancel;
 pub mod config;
 pub mod ledger_client;

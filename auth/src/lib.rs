@@ -1,4 +1,4 @@
-//! Caller authentication: validates OIDC bearer tokens (JWT access or ID tokens) with the
+//! Caller authentication for the proxy (callers) and the ledger (readers): validates OIDC bearer tokens (JWT access or ID tokens) with the
 //! `openidconnect` crate against the configured issuers.
 //!
 //! Each issuer's discovery document and JWKS are fetched once and cached; a token signed with
@@ -28,7 +28,29 @@ use thiserror::Error;
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
-use crate::config::IssuerConfig;
+
+/// A trusted token issuer.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerConfig {
+    /// Issuer URL, exactly as in tokens' `iss`.
+    pub issuer: String,
+    /// Accepted `aud` values (one must match).
+    pub audiences: Vec<String>,
+    /// Claim holding the caller's groups.
+    #[serde(default = "default_groups_claim")]
+    pub groups_claim: String,
+    /// Seconds of clock skew tolerated on `exp`, `nbf` and `iat`.
+    #[serde(default = "default_leeway")]
+    pub leeway_secs: u64,
+}
+
+fn default_groups_claim() -> String {
+    "groups".into()
+}
+fn default_leeway() -> u64 {
+    60
+}
 
 /// Largest token accepted.
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
@@ -51,7 +73,7 @@ pub enum AuthError {
     #[error("token uses the shared-secret algorithm {0}; only asymmetric signatures (RS*, PS*, ES*, EdDSA) are accepted")]
     SymmetricAlg(String),
     /// `iss` names an issuer this proxy does not trust.
-    #[error("token issuer {0:?} is not trusted by this proxy")]
+    #[error("token issuer {0:?} is not trusted here")]
     UnknownIssuer(String),
     /// The issuer's keys could not be fetched.
     #[error("cannot fetch the signing keys of issuer {issuer}: {reason}")]
