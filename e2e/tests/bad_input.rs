@@ -328,13 +328,41 @@ fn reading_the_audit_log_needs_a_token_in_an_auditor_group() {
     assert!(!ok && err.contains("token refused"), "{err}");
     let auditor = rt().block_on(oidc.client_token("ci-auditor", "urn:custody-ledger")).unwrap();
     let (ok, out, err) = events(Some(&auditor));
-    assert!(ok && out.lines().count() == 3, "{out}{err}");
+    // The three events, and the record of this very read, written before it was served.
+    assert!(ok && out.lines().count() == 4 && out.lines().last().unwrap().contains("\"kind\":\"audit_query\""), "{out}{err}");
     assert!(!out.contains(&auditor) && !err.contains(&auditor), "the token is never printed");
+    // Each read is itself recorded, before it is served: who asked and what.
+    let out = custody_cmd(&home, Some(&auditor)).args(["events", "--format", "json", "--kind", "audit_query", "--flight", &flight]).output().unwrap();
+    let reads: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(reads.len(), 2, "the earlier read and this one: {reads:?}");
+    for r in &reads {
+        assert_eq!((r["subject"].as_str(), r["protocol"].as_str(), r["message"].as_str()), (Some("ci-auditor"), Some("flight"), Some("flight ticket")), "{r}");
+        assert!(r["sql"].as_str().unwrap().contains("\"table\":\"events\""), "{r}");
+    }
+    assert!(reads[1]["sql"].as_str().unwrap().contains("audit_query"), "{}", reads[1]);
+    // Flight SQL: refused without the token, recorded with it (the statement's text).
+    let counted = rt().block_on(async {
+        use futures::TryStreamExt;
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{grpc}")).unwrap().connect().await.unwrap();
+        let mut sql = arrow_flight::sql::client::FlightSqlServiceClient::new(ch);
+        assert!(sql.execute("SELECT count(*) FROM events".into(), None).await.is_err(), "no token, no SQL");
+        sql.set_header("authorization", format!("Bearer {auditor}"));
+        let info = sql.execute("SELECT count(*) AS n FROM events WHERE kind = 'request'".into(), None).await.unwrap();
+        let batches: Vec<arrow::array::RecordBatch> = sql.do_get(info.endpoint[0].ticket.clone().unwrap()).await.unwrap().try_collect().await.unwrap();
+        arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(batches[0].column(0)).value(0)
+    });
+    assert_eq!(counted, 3);
+    let out = custody_cmd(&home, Some(&auditor)).args(["events", "--format", "json", "--kind", "audit_query", "--flight", &flight]).output().unwrap();
+    let last: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().rev().nth(1).unwrap()).unwrap();
+    assert_eq!((last["message"].as_str(), last["sql"].as_str()), (Some("flight sql"), Some("SELECT count(*) AS n FROM events WHERE kind = 'request'")), "{last}");
+    // Audit queries belong to no session.
+    let out = custody_cmd(&home, Some(&auditor)).args(["sessions", "--format", "json", "--flight", &flight]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1, "only the appended session: {}", String::from_utf8_lossy(&out.stdout));
     // Verification: checkpoints are public; pulling the entries needs the auditor.
     let out = custody_cmd(&home, None).args(["checkpoint", "--flight", &flight]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = custody_cmd(&home, Some(&auditor)).args(["verify", "--flight", &flight]).output().unwrap();
-    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("3 entries verified"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("entries verified"), "{}", String::from_utf8_lossy(&out.stderr));
     let out = custody_cmd(&home, None).args(["verify", "--flight", &flight]).output().unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("needs a bearer token"), "{}", String::from_utf8_lossy(&out.stderr));
     // The ledger's log names readers, never their tokens.

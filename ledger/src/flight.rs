@@ -79,6 +79,46 @@ impl LedgerFlight {
         self
     }
 
+    /// Records a read of the audit log as an `audit_query` event before it is served, when
+    /// readers are authenticated (`[readers]`): who asked and what. A read that cannot be
+    /// recorded is refused (fail closed). A follower hands the event to the leader.
+    pub(crate) async fn record_query(&self, reader: Option<&custody_proto::Identity>, interface: &str, query: &str) -> Result<(), Status> {
+        let Some(reader) = reader else { return Ok(()) };
+        use custody_proto::pb::v1::{event, AuditQuery, Protocol};
+        use prost::Message as _;
+        let st = self.node.status();
+        let mut query = query.to_string();
+        if query.len() > 64 * 1024 {
+            let mut cut = 64 * 1024;
+            while !query.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            query.truncate(cut);
+        }
+        let ev = custody_proto::Event {
+            proxy_id: format!("ledger-{}", st.id),
+            session_id: format!("audit-{}", uuid::Uuid::now_v7()),
+            seq: 0,
+            proxy_time_ns: crate::node::now_ns(),
+            kind: custody_proto::EventKind::AuditQuery as i32,
+            identity: Some(reader.clone()),
+            protocol: Protocol::Flight as i32,
+            body: Some(event::Body::AuditQuery(AuditQuery { query, interface: interface.into(), node: st.id.to_string() })),
+            ..Default::default()
+        };
+        let bytes = bytes::Bytes::from(ev.encode_to_vec());
+        let refused = |e: String| Status::unavailable(format!("cannot record this query in the ledger ({e}); it is not served"));
+        match self.node.append(vec![bytes.clone()], Duration::from_secs(5)).await {
+            Ok(_) => Ok(()),
+            Err(crate::node::NodeError::NotLeader { leader_addr: Some(addr), .. }) => {
+                let mut c = custody_proto::pb::ledger::ledger_client::LedgerClient::connect(format!("http://{addr}")).await.map_err(|e| refused(e.to_string()))?;
+                c.append(custody_proto::pb::ledger::AppendRequest { events: vec![bytes] }).await.map_err(|e| refused(e.message().to_string()))?;
+                Ok(())
+            }
+            Err(e) => Err(refused(e.to_string())),
+        }
+    }
+
     /// The reader of a request (`None` when reads are open), or the refusal.
     async fn reader(&self, md: &tonic::metadata::MetadataMap) -> Result<Option<custody_proto::Identity>, Status> {
         match &self.readers {
@@ -437,8 +477,14 @@ impl FlightService for LedgerFlight {
             info!(reader = %r.subject, issuer = %r.issuer, "audit log read");
         }
         if !is_json_ticket(&request.get_ref().ticket) {
+            // Flight SQL records the statement itself, once it knows its text.
+            let mut request = request;
+            if let Some(r) = reader {
+                request.extensions_mut().insert(crate::sql::Reader(r));
+            }
             return FlightService::do_get(self.sql()?, request).await;
         }
+        self.record_query(reader.as_ref(), "ticket", &String::from_utf8_lossy(&request.get_ref().ticket)).await?;
         let q = TicketQuery::parse(&request.get_ref().ticket).map_err(Status::invalid_argument)?;
         info!(table = table_name(q.table), ?q, "flight do_get");
         self.read_barrier(q.max_staleness_ms).await?;

@@ -43,6 +43,10 @@ use crate::flight::LedgerFlight;
 use crate::scan::{scan, ScanError};
 use crate::table::{events_schema, sessions_schema, Table, TicketQuery, TimeArg};
 
+/// The authenticated reader of a Flight SQL request (set by `LedgerFlight`).
+#[derive(Debug, Clone)]
+pub struct Reader(pub custody_proto::Identity);
+
 /// Longest SQL text accepted.
 pub const MAX_SQL: usize = 64 * 1024;
 
@@ -346,8 +350,9 @@ impl FlightSqlService for LedgerSql {
         Ok(Response::new(self.info_for(&query.query, &schema, request.into_inner())?))
     }
 
-    async fn do_get_statement(&self, ticket: TicketStatementQuery, _request: Request<Ticket>) -> Result<Response<<Self as arrow_flight::flight_service_server::FlightService>::DoGetStream>, Status> {
+    async fn do_get_statement(&self, ticket: TicketStatementQuery, request: Request<Ticket>) -> Result<Response<<Self as arrow_flight::flight_service_server::FlightService>::DoGetStream>, Status> {
         let sql = String::from_utf8(ticket.statement_handle.to_vec()).map_err(|_| Status::invalid_argument("the statement handle is not UTF-8 SQL"))?;
+        self.flight.record_query(request.extensions().get::<Reader>().map(|r| &r.0), "sql", &sql).await?;
         self.execute(&sql).await
     }
 
@@ -374,8 +379,9 @@ impl FlightSqlService for LedgerSql {
         Ok(Response::new(self.info_for(&sql, &schema, request.into_inner())?))
     }
 
-    async fn do_get_prepared_statement(&self, cmd: CommandPreparedStatementQuery, _request: Request<Ticket>) -> Result<Response<<Self as arrow_flight::flight_service_server::FlightService>::DoGetStream>, Status> {
+    async fn do_get_prepared_statement(&self, cmd: CommandPreparedStatementQuery, request: Request<Ticket>) -> Result<Response<<Self as arrow_flight::flight_service_server::FlightService>::DoGetStream>, Status> {
         let sql = String::from_utf8(cmd.prepared_statement_handle.to_vec()).map_err(|_| Status::invalid_argument("the prepared statement handle is not UTF-8 SQL"))?;
+        self.flight.record_query(request.extensions().get::<Reader>().map(|r| &r.0), "sql", &sql).await?;
         self.execute(&sql).await
     }
 

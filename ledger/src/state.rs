@@ -606,6 +606,23 @@ impl LedgerState {
                 });
                 continue;
             }
+            // An audit query belongs to no session: it is stored and indexed, nothing more.
+            if ev.kind == EventKind::AuditQuery as i32 {
+                let index = state.next_index;
+                let entry = Entry::encode(index, commit, &state.head, bytes);
+                state.head = entry_hash(&entry);
+                state.next_index += 1;
+                state.last_commit_ns = commit;
+                tree_writes(lookup, &mut tree, index, &entry, &mut writes)?;
+                writes.push(Put::new(cf::ENTRIES, index.to_be_bytes().to_vec(), entry));
+                writes.push(Put::new(cf::IDEM, key.clone(), index.to_be_bytes().to_vec()));
+                for k in by_field_keys(&ev, index) {
+                    writes.push(Put::new(cf::BY_FIELD, k, Vec::new()));
+                }
+                seen.insert(key, index);
+                results.push(AppendResult { index, commit_time_ns: commit, duplicate: false });
+                continue;
+            }
             let summary = match sessions.remove(&ev.session_id) {
                 Some(s) => s,
                 None => lookup.session(&ev.session_id)?.unwrap_or_default(),
@@ -704,6 +721,8 @@ fn fold_session(mut s: SessionSummary, ev: &Event, index: u64, commit: i64) -> S
             s.status = "denied".into();
             s.end_reason = format!("{}: {}", d.check, d.reason);
         }
+        // Not part of a session (apply_append stores it without one).
+        Some(event::Body::AuditQuery(_)) => {}
         Some(event::Body::SessionEnd(e)) => {
             if s.status != "denied" {
                 if e.reason == END_ABANDONED {
@@ -725,6 +744,7 @@ fn fold_session(mut s: SessionSummary, ev: &Event, index: u64, commit: i64) -> S
 pub fn protocol_name(p: i32) -> &'static str {
     match custody_proto::pb::v1::Protocol::try_from(p) {
         Ok(custody_proto::pb::v1::Protocol::Postgres) => "postgres",
+        Ok(custody_proto::pb::v1::Protocol::Flight) => "flight",
         _ => "unspecified",
     }
 }

@@ -100,7 +100,7 @@ impl TicketQuery {
         if let Some(k) = &q.kind {
             if kind_from_name(k).is_none() {
                 return Err(format!(
-                    "unknown kind {k:?}; expected session_start, request, response, denied or session_end"
+                    "unknown kind {k:?}; expected session_start, request, response, denied, session_end or audit_query"
                 ));
             }
         }
@@ -160,6 +160,7 @@ pub fn kind_from_name(name: &str) -> Option<i32> {
         "response" => EventKind::Response,
         "denied" => EventKind::Denied,
         "session_end" => EventKind::SessionEnd,
+        "audit_query" => EventKind::AuditQuery,
         _ => return None,
     } as i32)
 }
@@ -172,6 +173,7 @@ pub fn kind_name(kind: i32) -> &'static str {
         Ok(EventKind::Response) => "response",
         Ok(EventKind::Denied) => "denied",
         Ok(EventKind::SessionEnd) => "session_end",
+        Ok(EventKind::AuditQuery) => "audit_query",
         _ => "unspecified",
     }
 }
@@ -453,9 +455,14 @@ impl EventsBuilder {
         self.proxy_id.append_value(&ev.proxy_id);
         opt(&mut self.client_addr, &ev.client_addr);
 
+        // An audit query shows as its interface (message) and its text (sql).
+        let audit = match &ev.body {
+            Some(event::Body::AuditQuery(q)) => Some(custody_proto::pb::v1::PgRequest { message: format!("flight {}", q.interface), sql: q.query.clone(), ..Default::default() }),
+            _ => None,
+        };
         let req = match &ev.body {
             Some(event::Body::PgRequest(r)) => Some(r),
-            _ => None,
+            _ => audit.as_ref(),
         };
         let resp = match &ev.body {
             Some(event::Body::PgResponse(r)) => Some(r),
