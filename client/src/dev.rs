@@ -263,14 +263,27 @@ async fn follow_login(url: String) -> anyhow::Result<()> {
 }
 
 /// Starts `n` ledger nodes; returns each one's (gRPC, HTTP) address.
-async fn start_ledgers(bin: &Path, dir: &Path, logs: &Path, n: u64, children: &mut Children) -> anyhow::Result<Vec<(SocketAddr, SocketAddr)>> {
+/// The `[readers]` section of a dev ledger's config: the dev issuer's tokens of the `dev`
+/// group (the developer and the dev CI client) may read the audit log, and every read is
+/// recorded in it.
+fn dev_readers(issuer: &str) -> String {
+    format!("\n[readers]\ngroups = [\"dev\"]\nissuers = [{{ issuer = \"{issuer}\", audiences = [\"{DEV_AUDIENCE}\"] }}]\n")
+}
+
+async fn start_ledgers(bin: &Path, dir: &Path, logs: &Path, n: u64, issuer: &str, children: &mut Children) -> anyhow::Result<Vec<(SocketAddr, SocketAddr)>> {
     if n == 1 {
         let grpc = SocketAddr::from(([127, 0, 0, 1], free_tcp(7400)));
         let http = SocketAddr::from(([127, 0, 0, 1], free_tcp(7401)));
+        let path = dir.join("ledger.toml");
+        let cfg = format!(
+            "# Written by `custody dev`. Development only.\ndata_dir = \"{}\"\nlisten = \"{grpc}\"\nhttp_listen = \"{http}\"\n{}",
+            dir.join("ledger").display(),
+            dev_readers(issuer)
+        );
+        std::fs::write(&path, cfg)?;
         let mut ledger = Command::new(bin)
-            .args(["serve", "--data-dir"])
-            .arg(dir.join("ledger"))
-            .args(["--listen", &grpc.to_string(), "--http-listen", &http.to_string()])
+            .args(["serve", "--config"])
+            .arg(&path)
             .stdout(log_file(logs, "ledger")?)
             .stderr(log_file(logs, "ledger")?)
             .spawn()
@@ -306,12 +319,13 @@ async fn start_ledgers(bin: &Path, dir: &Path, logs: &Path, n: u64, children: &m
         let id = i as u64 + 1;
         let data = dir.join(format!("ledger-{id}"));
         let cfg = format!(
-            "# Written by `custody dev --nodes {n}`. Development only.\nnode_id = \"ledger-{id}\"\ndata_dir = \"{}\"\nlisten = \"{grpc}\"\nhttp_listen = \"{http}\"\n\n[cluster]\nid = {id}\nname = \"custody-dev\"\npeer_listen = \"{peer}\"\nstate = \"new\"\ninitial_members = [{}]\n\n[cluster.tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            "# Written by `custody dev --nodes {n}`. Development only.\nnode_id = \"ledger-{id}\"\ndata_dir = \"{}\"\nlisten = \"{grpc}\"\nhttp_listen = \"{http}\"\n\n[cluster]\nid = {id}\nname = \"custody-dev\"\npeer_listen = \"{peer}\"\nstate = \"new\"\ninitial_members = [{}]\n\n[cluster.tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n{}",
             data.display(),
             members.join(", "),
             certs.join("ca.pem").display(),
             certs.join(format!("ledger-{id}.pem")).display(),
             certs.join(format!("ledger-{id}-key.pem")).display(),
+            dev_readers(issuer),
         );
         let path = dir.join(format!("ledger-{id}.toml"));
         std::fs::write(&path, cfg)?;
@@ -372,7 +386,7 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
     .await?;
 
     // 2. ledger: one node, or a Raft cluster with mutual TLS between its nodes.
-    let ledgers = start_ledgers(&ledger_bin, dir, &logs, opts.nodes, &mut children).await?;
+    let ledgers = start_ledgers(&ledger_bin, dir, &logs, opts.nodes, &issuer.url, &mut children).await?;
     let ledger_grpc = ledgers[0].0;
     let ledger_http = ledgers[0].1;
 

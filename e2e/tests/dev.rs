@@ -98,6 +98,12 @@ fn main_job(nodes: u64) {
     let req = rows.iter().find(|r| r["sql"] == "select 'through custody dev'").expect("the statement is on the record");
     let user = std::env::var("USER").ok().filter(|u| !u.is_empty()).unwrap_or_else(|| "developer".into());
     assert_eq!(req["subject"], user.as_str());
+    // The dev ledger serves the audit log to the dev group's tokens only, and records each read.
+    let stranger = tempfile::tempdir().unwrap();
+    let out = Command::new(bin("custody")).args(["events", "--flight", &flight]).env("CUSTODY_HOME", stranger.path()).env_remove("CUSTODY_TOKEN").output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("needs a bearer token"), "{}", String::from_utf8_lossy(&out.stderr));
+    let reads = events_json(&home, &flight, &["--kind", "audit_query"]).unwrap();
+    assert!(reads.iter().any(|r| r["subject"] == user.as_str() && r["sql"].as_str().unwrap_or("").contains("demo-pg")), "{reads:?}");
 
     // custody dev pinned every ledger node's checkpoint key: verify checks the cosigned head.
     let out = Command::new(bin("custody")).args(["verify"]).env("CUSTODY_HOME", &home).output().unwrap();
