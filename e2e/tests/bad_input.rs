@@ -355,6 +355,15 @@ fn reading_the_audit_log_needs_a_token_in_an_auditor_group() {
     let out = custody_cmd(&home, Some(&auditor)).args(["events", "--format", "json", "--kind", "audit_query", "--flight", &flight]).output().unwrap();
     let last: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().rev().nth(1).unwrap()).unwrap();
     assert_eq!((last["message"].as_str(), last["sql"].as_str()), (Some("flight sql"), Some("SELECT count(*) AS n FROM events WHERE kind = 'request'")), "{last}");
+    // An inclusion proof hands out an entry's bytes: it needs the auditor and is recorded.
+    let out = custody_cmd(&home, None).args(["proof", "inclusion", "1", "--flight", &flight]).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("needs a bearer token"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = custody_cmd(&home, Some(&auditor)).args(["proof", "inclusion", "1", "--flight", &flight]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = custody_cmd(&home, Some(&auditor)).args(["events", "--format", "json", "--kind", "audit_query", "--flight", &flight]).output().unwrap();
+    let proof_read: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().rev().nth(1).unwrap()).unwrap();
+    assert_eq!(proof_read["message"].as_str(), Some("flight proof"), "{proof_read}");
+    assert!(proof_read["sql"].as_str().unwrap().starts_with("inclusion_proof {"), "{proof_read}");
     // Audit queries belong to no session.
     let out = custody_cmd(&home, Some(&auditor)).args(["sessions", "--format", "json", "--flight", &flight]).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1, "only the appended session: {}", String::from_utf8_lossy(&out.stdout));

@@ -535,9 +535,18 @@ impl FlightService for LedgerFlight {
         &self,
         request: Request<Action>,
     ) -> Result<Response<Self::DoActionStream>, Status> {
-        // Proofs of inclusion carry an entry's bytes, prepared statements read the log.
-        if matches!(request.get_ref().r#type.as_str(), "inclusion_proof" | "inclusion_proofs" | "CreatePreparedStatement" | "ClosePreparedStatement") {
-            self.reader(request.metadata()).await?;
+        // Proofs of inclusion carry an entry's bytes (a read of the log, recorded as one);
+        // prepared statements plan a query (recorded when it runs).
+        match request.get_ref().r#type.as_str() {
+            t @ ("inclusion_proof" | "inclusion_proofs") => {
+                let reader = self.reader(request.metadata()).await?;
+                let what = format!("{t} {}", String::from_utf8_lossy(&request.get_ref().body));
+                self.record_query(reader.as_ref(), "proof", &what).await?;
+            }
+            "CreatePreparedStatement" | "ClosePreparedStatement" => {
+                self.reader(request.metadata()).await?;
+            }
+            _ => {}
         }
         let action = request.into_inner();
         match action.r#type.as_str() {
