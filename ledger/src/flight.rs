@@ -227,12 +227,19 @@ impl LedgerFlight {
         Ok(ledger)
     }
 
-    fn inclusion(&self, req: &serde_json::Value) -> Result<serde_json::Value, Status> {
+    /// The store and the tree size a proof is asked at (`field` of `req`), checked to be held
+    /// whole and undamaged here.
+    fn proof_tree(&self, req: &serde_json::Value, field: &str) -> Result<(std::sync::Arc<crate::store::Store>, u64), Status> {
         let store = self.store.get();
         let ledger = Self::tree_size(&store)?;
-        let size = self.proof_size(req, "size", ledger)?;
-        let index = req["index"].as_u64().ok_or_else(|| Status::invalid_argument("index must be a non-negative integer"))?;
+        let size = self.proof_size(req, field, ledger)?;
         self.intact(size)?;
+        Ok((store, size))
+    }
+
+    fn inclusion(&self, req: &serde_json::Value) -> Result<serde_json::Value, Status> {
+        let (store, size) = self.proof_tree(req, "size")?;
+        let index = req["index"].as_u64().ok_or_else(|| Status::invalid_argument("index must be a non-negative integer"))?;
         let tree = StoredTree(store.as_ref());
         let proof = merkle::inclusion_proof(&tree, index, size).map_err(tree_status)?;
         let root = merkle::root(&tree, size).map_err(|e| Status::data_loss(e.to_string()))?;
@@ -250,14 +257,11 @@ impl LedgerFlight {
     /// Inclusion proofs of many entries in one tree: `{"indices": [...], "size": N}`, at most
     /// 1000 indices.
     fn inclusions(&self, req: &serde_json::Value) -> Result<serde_json::Value, Status> {
-        let store = self.store.get();
-        let ledger = Self::tree_size(&store)?;
-        let size = self.proof_size(req, "size", ledger)?;
+        let (store, size) = self.proof_tree(req, "size")?;
         let indices = req["indices"].as_array().ok_or_else(|| Status::invalid_argument("indices must be an array of entry indices"))?;
         if indices.len() > 1000 {
             return Err(Status::invalid_argument(format!("at most 1000 indices per request, got {}", indices.len())));
         }
-        self.intact(size)?;
         let tree = StoredTree(store.as_ref());
         let root = merkle::root(&tree, size).map_err(|e| Status::data_loss(e.to_string()))?;
         let mut proofs = Vec::with_capacity(indices.len());
@@ -275,11 +279,8 @@ impl LedgerFlight {
     }
 
     fn consistency(&self, req: &serde_json::Value) -> Result<serde_json::Value, Status> {
-        let store = self.store.get();
-        let ledger = Self::tree_size(&store)?;
-        let second = self.proof_size(req, "second", ledger)?;
+        let (store, second) = self.proof_tree(req, "second")?;
         let first = req["first"].as_u64().ok_or_else(|| Status::invalid_argument("first must be a non-negative integer"))?;
-        self.intact(second)?;
         let tree = StoredTree(store.as_ref());
         let proof = merkle::consistency_proof(&tree, first, second).map_err(tree_status)?;
         let r = |n| merkle::root(&tree, n).map_err(|e| Status::data_loss(e.to_string()));

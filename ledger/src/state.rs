@@ -607,32 +607,21 @@ impl LedgerState {
                 continue;
             }
             // An audit query belongs to no session: it is stored and indexed, nothing more.
-            if ev.kind == EventKind::AuditQuery as i32 {
-                let index = state.next_index;
-                let entry = Entry::encode(index, commit, &state.head, bytes);
-                state.head = entry_hash(&entry);
-                state.next_index += 1;
-                state.last_commit_ns = commit;
-                tree_writes(lookup, &mut tree, index, &entry, &mut writes)?;
-                writes.push(Put::new(cf::ENTRIES, index.to_be_bytes().to_vec(), entry));
-                writes.push(Put::new(cf::IDEM, key.clone(), index.to_be_bytes().to_vec()));
-                for k in by_field_keys(&ev, index) {
-                    writes.push(Put::new(cf::BY_FIELD, k, Vec::new()));
+            let summary = if ev.kind == EventKind::AuditQuery as i32 {
+                None
+            } else {
+                let summary = match sessions.remove(&ev.session_id) {
+                    Some(s) => s,
+                    None => lookup.session(&ev.session_id)?.unwrap_or_default(),
+                };
+                if summary.status == STATUS_ABANDONED {
+                    return Err(ApplyError::Refused {
+                        position,
+                        reason: format!("session {} was closed by the ledger: {}", ev.session_id, summary.end_reason),
+                    });
                 }
-                seen.insert(key, index);
-                results.push(AppendResult { index, commit_time_ns: commit, duplicate: false });
-                continue;
-            }
-            let summary = match sessions.remove(&ev.session_id) {
-                Some(s) => s,
-                None => lookup.session(&ev.session_id)?.unwrap_or_default(),
+                Some(summary)
             };
-            if summary.status == STATUS_ABANDONED {
-                return Err(ApplyError::Refused {
-                    position,
-                    reason: format!("session {} was closed by the ledger: {}", ev.session_id, summary.end_reason),
-                });
-            }
             let index = state.next_index;
             let entry = Entry::encode(index, commit, &state.head, bytes);
             state.head = entry_hash(&entry);
@@ -641,20 +630,22 @@ impl LedgerState {
             tree_writes(lookup, &mut tree, index, &entry, &mut writes)?;
             writes.push(Put::new(cf::ENTRIES, index.to_be_bytes().to_vec(), entry));
             writes.push(Put::new(cf::IDEM, key.clone(), index.to_be_bytes().to_vec()));
-            writes.push(Put::new(cf::BY_SESSION, by_session_key(&ev.session_id, index), Vec::new()));
             for k in by_field_keys(&ev, index) {
                 writes.push(Put::new(cf::BY_FIELD, k, Vec::new()));
             }
             seen.insert(key, index);
-            let was_open = summary.status == "open";
-            let summary = fold_session(summary, &ev, index, commit);
-            let open_key = open_session_key(&summary.proxy_id, &ev.session_id);
-            if summary.status == "open" {
-                writes.push(Put::new(cf::OPEN_SESSIONS, open_key, Vec::new()));
-            } else if was_open {
-                writes.push(Put::delete(cf::OPEN_SESSIONS, open_key));
+            if let Some(summary) = summary {
+                writes.push(Put::new(cf::BY_SESSION, by_session_key(&ev.session_id, index), Vec::new()));
+                let was_open = summary.status == "open";
+                let summary = fold_session(summary, &ev, index, commit);
+                let open_key = open_session_key(&summary.proxy_id, &ev.session_id);
+                if summary.status == "open" {
+                    writes.push(Put::new(cf::OPEN_SESSIONS, open_key, Vec::new()));
+                } else if was_open {
+                    writes.push(Put::delete(cf::OPEN_SESSIONS, open_key));
+                }
+                sessions.insert(ev.session_id.clone(), summary);
             }
-            sessions.insert(ev.session_id.clone(), summary);
             results.push(AppendResult {
                 index,
                 commit_time_ns: commit,
