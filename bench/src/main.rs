@@ -12,6 +12,10 @@
 //!
 //! `custody-bench ledger`: a 3-node custody ledger cluster against a 3-node etcd 3.4 cluster at
 //! the same concurrency, payload size and fsync durability (`bench/run ledger`).
+//!
+//! `custody-bench flight`: a million events pulled over Flight SQL against PostgreSQL's
+//! `COPY ... TO STDOUT` of the same rows, and one session's events out of them
+//! (`bench/run flight`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -19,6 +23,7 @@ use std::process::Command;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 
+mod flight;
 mod ledger;
 mod pg;
 
@@ -35,6 +40,8 @@ enum Cmd {
     Pg(pg::Args),
     /// Appends to a 3-node custody ledger vs puts to a 3-node etcd 3.4.
     Ledger(ledger::Args),
+    /// N events over Flight SQL vs PostgreSQL COPY TO STDOUT; one session out of N.
+    Flight(flight::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,6 +54,7 @@ fn main() -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Pg(a) => pg::run(a),
         Cmd::Ledger(a) => ledger::run(a),
+        Cmd::Flight(a) => flight::run(a),
     }
 }
 

@@ -72,7 +72,7 @@ fn check_extends(last: &Checkpoint, cp: &Checkpoint, proof: Option<&[Hash]>) -> 
     Ok(true)
 }
 
-fn save_verified(origin: &str, note: &str) -> anyhow::Result<()> {
+pub(crate) fn save_verified(origin: &str, note: &str) -> anyhow::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let path = crate::config::verified_path(origin);
     if let Some(d) = path.parent() {
@@ -86,14 +86,14 @@ fn save_verified(origin: &str, note: &str) -> anyhow::Result<()> {
 }
 
 /// A checkpoint signed by pinned keys and consistent with the last one verified here.
-struct Trusted {
-    cp: Checkpoint,
-    note: String,
+pub(crate) struct Trusted {
+    pub(crate) cp: Checkpoint,
+    pub(crate) note: String,
 }
 
 /// Fetches the checkpoint at `size` (default: the last block's), checks its signatures
 /// against `keys`, and checks it extends the last checkpoint this machine verified.
-async fn trusted_checkpoint(url: &str, size: Option<u64>, keys: &[String]) -> anyhow::Result<Trusted> {
+pub(crate) async fn trusted_checkpoint(url: &str, size: Option<u64>, keys: &[String]) -> anyhow::Result<Trusted> {
     let note = checkpoint(url, size, keys).await?;
     let cp = Checkpoint::parse(&SignedNote::parse(&note)?.text)?;
     if let Some(last) = last_verified(&cp.origin)? {
@@ -196,7 +196,7 @@ fn check_blocks(headers: &[BlockHeader], tree: &MemoryTree) -> anyhow::Result<u6
 }
 
 /// Every block header the ledger serves, with its canonical bytes checked.
-async fn pull_blocks(url: &str) -> anyhow::Result<Vec<BlockHeader>> {
+pub(crate) async fn pull_blocks(url: &str) -> anyhow::Result<Vec<BlockHeader>> {
     let mut out: Vec<BlockHeader> = Vec::new();
     loop {
         let r = action(url, "blocks", &json!({"from": out.len(), "limit": 10_000})).await?;
@@ -306,7 +306,7 @@ fn check_proofs(proofs: &Value, cp: &Checkpoint) -> anyhow::Result<Vec<(u64, Vec
 }
 
 /// Inclusion proofs of `indices` in the trusted checkpoint's tree, each checked.
-async fn proven_entries(url: &str, indices: &[u64], cp: &Checkpoint) -> anyhow::Result<Vec<(u64, Vec<u8>, Vec<Hash>)>> {
+pub(crate) async fn proven_entries(url: &str, indices: &[u64], cp: &Checkpoint) -> anyhow::Result<Vec<(u64, Vec<u8>, Vec<Hash>)>> {
     let mut out = Vec::with_capacity(indices.len());
     for chunk in indices.chunks(1000) {
         let r = action(url, "inclusion_proofs", &json!({"indices": chunk, "size": cp.size})).await?;

@@ -16,6 +16,7 @@ pub mod audit;
 pub mod config;
 pub mod dev;
 pub mod dev_issuer;
+pub mod export;
 pub mod login;
 pub mod query;
 pub mod quic;

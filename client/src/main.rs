@@ -125,9 +125,30 @@ enum Cmd {
         /// any, checkpoints are not checked (and --offline refuses to run).
         #[arg(long = "key")]
         keys: Vec<String>,
-        /// Verify an export bundle (from `custody bundle`) instead of the live ledger.
+        /// Verify an export (from `custody export`: a directory or s3://bucket/prefix) or a
+        /// bundle (from `custody bundle`) instead of the live ledger.
         #[arg(long, value_name = "DIR")]
-        offline: Option<PathBuf>,
+        offline: Option<String>,
+    },
+    /// Export sealed blocks as Parquet files, one per block, with a manifest holding the
+    /// signed checkpoint and, per row, the inclusion proof in it. Blocks the target already
+    /// holds are skipped, so the same command run nightly exports what is new.
+    Export {
+        /// A directory, file:///dir, or s3://bucket/prefix (credentials and endpoint from the
+        /// AWS_* variables).
+        target: String,
+        /// Only blocks sealed at or after this time (RFC 3339 or a duration ago: 7d).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only blocks sealed before this time.
+        #[arg(long)]
+        until: Option<String>,
+        /// A pinned verifier key; repeatable (default: `ledger_keys` in the config).
+        #[arg(long = "key")]
+        keys: Vec<String>,
+        /// Ledger Flight URL (default from config).
+        #[arg(long)]
+        flight: Option<String>,
     },
     /// Write an export bundle for offline verification: the signed checkpoint, entries (with
     /// inclusion proofs for a partial range), block headers and consistency proofs.
@@ -316,9 +337,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Verify { flight, keys, offline } => {
             let keys = if keys.is_empty() { cfg.ledger_keys.clone() } else { keys };
             match offline {
-                Some(dir) => custody::audit::verify_offline(&dir, &keys),
+                Some(dir) if custody::export::is_export(&dir) => custody::export::verify_export(&dir, &keys).await,
+                Some(dir) => custody::audit::verify_offline(std::path::Path::new(&dir), &keys),
                 None => custody::audit::verify(&flight_url(&cfg, flight)?, &keys).await,
             }
+        }
+        Cmd::Export { target, since, until, keys, flight } => {
+            let url = flight_url(&cfg, flight)?;
+            let keys = if keys.is_empty() { cfg.ledger_keys.clone() } else { keys };
+            custody::export::export(&url, &target, since.as_deref(), until.as_deref(), &keys).await.map(|_| ())
         }
         Cmd::Bundle { out, from, to, consistency_from, keys, flight } => {
             let url = flight_url(&cfg, flight)?;

@@ -378,3 +378,69 @@ fn reading_the_audit_log_needs_a_token_in_an_auditor_group() {
     let log = p.log_text();
     assert!(log.contains("audit log read") && !log.contains(&auditor), "{log}");
 }
+
+/// A small tmpfs mounted for one test and unmounted when dropped: a full disk, for real.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(path: &std::path::Path, size: &str) -> Self {
+        std::fs::create_dir_all(path).unwrap();
+        let out = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(path).output().unwrap();
+        assert!(out.status.success(), "mounting a {size} tmpfs needs root (the test command runs as root): {}", String::from_utf8_lossy(&out.stderr));
+        Self(path.to_path_buf())
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn an_export_to_a_full_or_unwritable_target_fails_and_marks_nothing_exported() {
+    let stack = Stack::start().unwrap();
+    let token = rt().block_on(stack.token());
+    let tunnel = stack.tunnel("pg", &token);
+    // Results that do not compress: a few hundred KiB of recorded rows.
+    let mut args = Vec::new();
+    for _ in 0..6 {
+        args.extend(["-c", "select md5(random()::text) || md5(random()::text) from generate_series(1, 1000)"]);
+    }
+    assert!(tunnel.psql(&args).status.success());
+    let flight = stack.ledger.flight();
+    let home = stack.dir.path().join("home");
+    let key = rt().block_on(custody::query::action(&flight, "status", &serde_json::json!({}))).unwrap()["verifier_key"].as_str().unwrap().to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while rt().block_on(custody::query::action(&flight, "status", &serde_json::json!({}))).unwrap()["sealed_size"].as_u64().unwrap_or(0) < 10 {
+        assert!(std::time::Instant::now() < deadline, "nothing sealed");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let export = |target: &std::path::Path| {
+        let out = custody_cmd(&home, None).args(["export", "--flight", &flight, "--key", &key]).arg(target).output().unwrap();
+        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    };
+
+    // A full disk: the first block file does not fit.
+    let full = stack.dir.path().join("full");
+    let disk = SmallDisk::mount(&full, "48k");
+    let (ok, text) = export(&full);
+    assert!(!ok && text.contains("No space left on device") && text.contains("nothing was marked as exported"), "{text}");
+    assert!(!full.join("manifests").exists() || std::fs::read_dir(full.join("manifests")).unwrap().next().is_none(), "a failed export wrote a manifest: {text}");
+    let out = custody_cmd(&home, None).args(["verify", "--key", &key, "--offline"]).arg(&full).output().unwrap();
+    assert!(!out.status.success(), "a failed export must not verify as an export");
+    drop(disk);
+
+    // Not a directory at all.
+    let file = stack.dir.path().join("plain-file");
+    std::fs::write(&file, b"not a directory").unwrap();
+    let (ok, text) = export(&file.join("lake"));
+    assert!(!ok && text.contains("cannot create the export directory"), "{text}");
+
+    // The ledger lost nothing: the same export to a good directory holds every sealed entry.
+    let good = stack.dir.path().join("good");
+    let (ok, text) = export(&good);
+    assert!(ok && text.contains("read back and verified"), "{text}");
+    let out = custody_cmd(&home, None).args(["verify", "--key", &key, "--offline"]).arg(&good).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

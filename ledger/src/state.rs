@@ -731,14 +731,7 @@ fn fold_session(mut s: SessionSummary, ev: &Event, index: u64, commit: i64) -> S
     s
 }
 
-/// Lowercase protocol name.
-pub fn protocol_name(p: i32) -> &'static str {
-    match custody_proto::pb::v1::Protocol::try_from(p) {
-        Ok(custody_proto::pb::v1::Protocol::Postgres) => "postgres",
-        Ok(custody_proto::pb::v1::Protocol::Flight) => "flight",
-        _ => "unspecified",
-    }
-}
+pub use custody_proto::table::protocol_name;
 
 #[cfg(test)]
 mod tests {

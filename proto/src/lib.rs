@@ -19,6 +19,8 @@ pub mod merkle;
 pub mod note;
 pub mod pg;
 pub mod reader;
+#[cfg(feature = "arrow")]
+pub mod table;
 pub mod tunnel;
 
 /// Generated protobuf types.
