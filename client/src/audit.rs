@@ -228,7 +228,7 @@ pub async fn verify(url: &str, keys: &[String]) -> anyhow::Result<()> {
     check_indices(&entries, 0, size)?;
     let mut tree = MemoryTree::new();
     for (_, e) in &entries {
-        tree.push(merkle::leaf_hash(e));
+        tree.push(custody_proto::entry::stored_leaf(e));
     }
     if let Some(t) = &trusted {
         let cp = &t.cp;
@@ -298,7 +298,7 @@ fn check_proofs(proofs: &Value, cp: &Checkpoint) -> anyhow::Result<Vec<(u64, Vec
         let index = p["index"].as_u64().context("a proof has no index")?;
         let entry = B64.decode(p["entry"].as_str().context("a proof has no entry")?).context("entry is not base64")?;
         let proof = b64_hashes(&p["proof"])?;
-        merkle::verify_inclusion(index, cp.size, &merkle::leaf_hash(&entry), &proof, &cp.root)
+        merkle::verify_inclusion(index, cp.size, &custody_proto::entry::stored_leaf(&entry), &proof, &cp.root)
             .map_err(|e| anyhow!("index {index}: the entry is not in the signed checkpoint (size {}): {e}", cp.size))?;
         out.push((index, entry, proof));
     }
@@ -347,6 +347,15 @@ pub async fn events_verified(url: &str, f: &Filters, kind: Option<&str>, format:
                 let (index, bytes, _) = &proven[at];
                 at += 1;
                 let bad = |what: &str| anyhow!("index {index}: the printed row's {what} is not the proven entry's");
+                if custody_proto::entry::is_pruned(bytes) {
+                    // Only the hashes are left in hot storage (retention): the row can be
+                    // proven, its payload is in the export.
+                    let p = custody_proto::entry::PrunedEntry::decode(bytes).map_err(|e| anyhow!("index {index}: {e}"))?;
+                    if hashes.value(row) != p.entry_hash {
+                        return Err(bad("entry hash"));
+                    }
+                    continue;
+                }
                 if hashes.value(row) != entry_hash(bytes) {
                     return Err(bad("entry hash"));
                 }
@@ -402,7 +411,7 @@ pub async fn bundle(url: &str, out: &Path, from: Option<u64>, to: Option<u64>, c
     if whole {
         let mut tree = MemoryTree::new();
         for (index, e) in &entries {
-            tree.push(merkle::leaf_hash(e));
+            tree.push(custody_proto::entry::stored_leaf(e));
             lines.push_str(&json!({"index": index, "entry": B64.encode(e)}).to_string());
             lines.push('\n');
         }
@@ -495,7 +504,7 @@ pub fn verify_offline(dir: &Path, keys: &[String]) -> anyhow::Result<()> {
     let mut tree = MemoryTree::new();
     if whole {
         for (_, e) in &entries {
-            tree.push(merkle::leaf_hash(e));
+            tree.push(custody_proto::entry::stored_leaf(e));
         }
     } else {
         anyhow::ensure!(proofs.len() == entries.len(), "a partial bundle needs an inclusion proof on every entry line");
@@ -513,7 +522,7 @@ pub fn verify_offline(dir: &Path, keys: &[String]) -> anyhow::Result<()> {
         }
     } else {
         for ((index, e), proof) in entries.iter().zip(&proofs) {
-            merkle::verify_inclusion(*index, cp.size, &merkle::leaf_hash(e), proof, &cp.root)
+            merkle::verify_inclusion(*index, cp.size, &custody_proto::entry::stored_leaf(e), proof, &cp.root)
                 .map_err(|err| anyhow!("index {index}: the entry is not in the signed checkpoint (size {}): {err}", cp.size))?;
         }
     }

@@ -205,6 +205,10 @@ pub fn block_batch(entries: &[(u64, Vec<u8>, Vec<Hash>)]) -> anyhow::Result<Reco
     let mut raw = BinaryBuilder::new();
     let mut proofs = ListBuilder::new(FixedSizeBinaryBuilder::new(32)).with_field(Field::new("item", arrow::datatypes::DataType::FixedSizeBinary(32), false));
     for (index, bytes, proof) in entries {
+        anyhow::ensure!(
+            !custody_proto::entry::is_pruned(bytes),
+            "index {index}: its payload was pruned from the ledger by the retention policy (it was exported before); a pruned block cannot be exported again"
+        );
         let e = Entry::decode(bytes).map_err(|e| anyhow!("index {index}: {e}"))?;
         let ev = custody_proto::Event::decode(e.event).map_err(|e| anyhow!("index {index}: the entry's event does not decode: {e}"))?;
         events.push(&e, bytes, &ev);
@@ -398,6 +402,11 @@ pub async fn export(url: &str, spec: &str, since: Option<&str>, until: Option<&s
         "exported blocks {}..={} (entries {}..{}, {rows} rows) to {}; read back and verified against the checkpoint at size {}; manifest {}",
         summary.first_height, summary.last_height, summary.first_index, summary.end_index, summary.target, cp.size, summary.manifest
     );
+    // The ledger's record of it: what retention counts (for its configured archive only).
+    let recorded = action(url, "record_export", &serde_json::to_value(&summary)?).await.map_err(|e| {
+        anyhow!("{e:#}: the export at {} is complete and verified, but the ledger did not record it, so retention does not count it yet", summary.target)
+    })?;
+    println!("recorded in the ledger at index {}", recorded["index"]);
     Ok(Some(summary))
 }
 

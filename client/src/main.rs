@@ -83,7 +83,8 @@ enum Cmd {
     Events {
         #[command(flatten)]
         filters: Filters,
-        /// Only this kind: session_start, request, response, denied, session_end.
+        /// Only this kind: session_start, request, response, denied, session_end, audit_query,
+        /// export, legal_hold, prune.
         #[arg(long)]
         kind: Option<String>,
         /// Output format.
@@ -146,6 +147,27 @@ enum Cmd {
         /// A pinned verifier key; repeatable (default: `ledger_keys` in the config).
         #[arg(long = "key")]
         keys: Vec<String>,
+        /// Ledger Flight URL (default from config).
+        #[arg(long)]
+        flight: Option<String>,
+    },
+    /// Place a legal hold on a session: retention never prunes its payloads while it holds.
+    /// The hold (who placed it, and why) is recorded in the ledger.
+    Hold {
+        /// Session id (from `custody sessions`).
+        session: String,
+        /// Why, and on whose request (recorded with the hold).
+        #[arg(long, required_unless_present = "release")]
+        reason: Option<String>,
+        /// Release the hold instead.
+        #[arg(long)]
+        release: bool,
+        /// Ledger Flight URL (default from config).
+        #[arg(long)]
+        flight: Option<String>,
+    },
+    /// List the sessions under a legal hold.
+    Holds {
         /// Ledger Flight URL (default from config).
         #[arg(long)]
         flight: Option<String>,
@@ -346,6 +368,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let url = flight_url(&cfg, flight)?;
             let keys = if keys.is_empty() { cfg.ledger_keys.clone() } else { keys };
             custody::export::export(&url, &target, since.as_deref(), until.as_deref(), &keys).await.map(|_| ())
+        }
+        Cmd::Hold { session, reason, release, flight } => {
+            let url = flight_url(&cfg, flight)?;
+            let r = custody::query::action(&url, "legal_hold", &serde_json::json!({"session_id": session, "reason": reason.unwrap_or_default(), "release": release})).await?;
+            println!("{} session {session} (recorded at index {})", if release { "released the legal hold on" } else { "placed a legal hold on" }, r["index"]);
+            Ok(())
+        }
+        Cmd::Holds { flight } => {
+            let r = custody::query::action(&flight_url(&cfg, flight)?, "legal_holds", &serde_json::json!({})).await?;
+            let holds = r["holds"].as_array().cloned().unwrap_or_default();
+            if holds.is_empty() {
+                println!("(no legal holds)");
+            }
+            for h in holds {
+                println!("{}\t{}", h["session_id"].as_str().unwrap_or(""), h["reason"].as_str().unwrap_or(""));
+            }
+            Ok(())
         }
         Cmd::Bundle { out, from, to, consistency_from, keys, flight } => {
             let url = flight_url(&cfg, flight)?;

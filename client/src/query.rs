@@ -264,7 +264,7 @@ pub async fn inclusion_proof_on(c: &mut FlightClient, index: u64, size: Option<u
     let size_asked = size;
     let p = action_on(c, "inclusion_proof", &json!({"index": index, "size": size})).await?;
     let entry = B64.decode(p["entry"].as_str().context("entry is missing")?).context("entry is not base64")?;
-    let leaf = merkle::leaf_hash(&entry);
+    let leaf = custody_proto::entry::stored_leaf(&entry);
     anyhow::ensure!(leaf == b64_hash(&p["leaf_hash"], "leaf_hash")?, "index {index}: the entry does not hash to the leaf hash the ledger gave");
     let size = p["size"].as_u64().context("size is missing")?;
     anyhow::ensure!(p["index"].as_u64() == Some(index), "the ledger answered for index {}, not {index}", p["index"]);

@@ -344,6 +344,8 @@ pub struct Ledger {
     /// Data directory.
     pub data: PathBuf,
     logs: PathBuf,
+    /// TOML added to its config file (none: flags only).
+    extra: Option<String>,
     /// The process, if running.
     pub proc: Option<Proc>,
 }
@@ -351,11 +353,17 @@ pub struct Ledger {
 impl Ledger {
     /// Starts a ledger with data in `dir/ledger`.
     pub fn start(dir: &Path) -> anyhow::Result<Self> {
+        Self::start_with(dir, None)
+    }
+
+    /// Starts a ledger from a config file holding `extra` (sections such as `[retention]`).
+    pub fn start_with(dir: &Path, extra: Option<&str>) -> anyhow::Result<Self> {
         let mut l = Self {
             grpc: SocketAddr::from(([127, 0, 0, 1], free_port())),
             http: SocketAddr::from(([127, 0, 0, 1], free_port())),
             data: dir.join("ledger"),
             logs: dir.to_path_buf(),
+            extra: extra.map(str::to_string),
             proc: None,
         };
         l.restart()?;
@@ -365,7 +373,17 @@ impl Ledger {
     /// (Re)starts the process on the same addresses and data.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         let mut cmd = Command::new(bin("custody-ledger"));
-        cmd.args(["serve", "--data-dir"]).arg(&self.data).args(["--listen", &self.grpc.to_string(), "--http-listen", &self.http.to_string()]);
+        match &self.extra {
+            None => {
+                cmd.args(["serve", "--data-dir"]).arg(&self.data).args(["--listen", &self.grpc.to_string(), "--http-listen", &self.http.to_string()]);
+            }
+            Some(extra) => {
+                let path = self.logs.join("ledger.toml");
+                let cfg = format!("data_dir = \"{}\"\nlisten = \"{}\"\nhttp_listen = \"{}\"\n{extra}\n", self.data.display(), self.grpc, self.http);
+                custody::config::write_private(&path, cfg.as_bytes())?;
+                cmd.args(["serve", "--config"]).arg(&path);
+            }
+        }
         let mut p = Proc::spawn("ledger", cmd, &self.logs)?;
         wait_tcp(self.grpc, "custody-ledger", &mut p)?;
         self.proc = Some(p);
@@ -568,10 +586,20 @@ impl Stack {
 
     /// Starts everything; `extra` adds TOML to the proxy config.
     pub fn start_with(extra: impl Fn(&Postgres, &Path) -> anyhow::Result<String>, append_timeout_ms: u64) -> anyhow::Result<Self> {
+        Self::start_full(extra, append_timeout_ms, |_| None)
+    }
+
+    /// Starts everything; `ledger_extra` (given the test directory) adds TOML to the
+    /// ledger's config.
+    pub fn start_full(
+        extra: impl Fn(&Postgres, &Path) -> anyhow::Result<String>,
+        append_timeout_ms: u64,
+        ledger_extra: impl Fn(&Path) -> Option<String>,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("custody-e2e-").tempdir()?;
         let pg = Postgres::start()?;
         let oidc = Oidc::start(dir.path())?;
-        let ledger = Ledger::start(dir.path())?;
+        let ledger = Ledger::start_with(dir.path(), ledger_extra(dir.path()).as_deref())?;
         let mut more = default_extra(&pg, dir.path())?;
         more.push_str(&extra(&pg, dir.path())?);
         let proxy = Proxy::start(

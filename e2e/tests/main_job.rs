@@ -305,3 +305,105 @@ fn statements_are_refused_and_nothing_runs_while_the_ledger_is_down() {
     let out = custody_cmd(&stack.dir.path().join("home"), None).args(["verify", "--flight", &stack.ledger.flight()]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+fn custody_ok(home: &std::path::Path, args: &[&str]) -> String {
+    let out = custody_cmd(home, None).args(args).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "custody {args:?}: {text}");
+    text
+}
+
+fn ledger_status(flight: &str) -> serde_json::Value {
+    rt().block_on(custody::query::action(flight, "status", &serde_json::json!({}))).unwrap()
+}
+
+#[test]
+fn retention_prunes_exported_payloads_but_keeps_held_sessions_and_every_proof() {
+    let stack = Stack::start_full(|_, _| Ok(String::new()), 5000, |dir| {
+        let archive = dir.join("archive");
+        std::fs::create_dir_all(&archive).unwrap();
+        Some(format!("[retention]\narchive = \"file://{}\"\nprune_after = \"0s\"\ninterval_s = 1\n", archive.display()))
+    })
+    .unwrap();
+    let token = rt().block_on(stack.token());
+    let tunnel = stack.tunnel("pg", &token);
+    assert!(tunnel.psql(&["-c", "select 'keep-me'"]).status.success());
+    assert!(tunnel.psql(&["-c", "select 'prune-me'"]).status.success());
+    let flight = stack.ledger.flight();
+    let home = stack.dir.path().join("home");
+    let f = flight.as_str();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let session_of = |sql: &str| loop {
+        let rows = events_json(&home, f, &["--resource", "pg", "--kind", "request"]).unwrap();
+        if let Some(r) = rows.iter().find(|r| r["sql"] == sql) {
+            return r["session_id"].as_str().unwrap().to_string();
+        }
+        assert!(std::time::Instant::now() < deadline, "{sql} not recorded");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let (kept, pruned) = (session_of("select 'keep-me'"), session_of("select 'prune-me'"));
+    // Both sessions have ended before anything is exported.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while events_json(&home, f, &["--kind", "session_end"]).unwrap().len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "sessions did not end");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    custody_ok(&home, &["hold", &kept, "--reason", "case 4711: litigation hold requested by legal", "--flight", f]);
+    assert!(custody_ok(&home, &["holds", "--flight", f]).contains(&kept));
+    let out = custody_cmd(&home, None).args(["hold", "no-such-session", "--reason", "x", "--flight", f]).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no session"), "{}", String::from_utf8_lossy(&out.stderr));
+    let key = ledger_status(f)["verifier_key"].as_str().unwrap().to_string();
+
+    // An export somewhere else is recorded but prunes nothing: only the archive counts.
+    let size = wait_all_sealed(f);
+    custody_ok(&home, &["export", "--flight", f, "--key", &key, stack.dir.path().join("laptop").to_str().unwrap()]);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(ledger_status(f)["pruned_through"], 0, "an export outside the archive must not prune");
+
+    // The archive: once exported there and verified by the leader, payloads go.
+    let archive = stack.dir.path().join("archive");
+    custody_ok(&home, &["export", "--flight", f, "--key", &key, archive.to_str().unwrap()]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while ledger_status(f)["pruned_through"].as_u64().unwrap() < size {
+        assert!(std::time::Instant::now() < deadline, "not pruned after 20 s: {}", ledger_status(f));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let rows = events_json(&home, f, &["--session", &pruned]).unwrap();
+    assert!(!rows.is_empty() && rows.iter().all(|r| r["pruned"] == true && r["sql"].is_null() && r["subject"].is_null()), "{rows:?}");
+    let rows = events_json(&home, f, &["--session", &kept]).unwrap();
+    assert!(rows.iter().all(|r| r["pruned"] == false), "a held session was pruned: {rows:?}");
+    assert!(rows.iter().any(|r| r["sql"] == "select 'keep-me'"));
+    // The prune is recorded, naming the range and the export.
+    let prunes = events_json(&home, f, &["--kind", "prune"]).unwrap();
+    assert!(prunes.iter().any(|p| p["sql"].as_str().unwrap().contains("exported to file://")), "{prunes:?}");
+    // Every proof still holds: the whole log verifies, a pruned entry is proven in the tree,
+    // and the archive verifies offline as before.
+    let out = custody_ok(&home, &["verify", "--key", &key, "--flight", f]);
+    assert!(out.contains("entries verified"), "{out}");
+    let pruned_index = events_json(&home, f, &["--session", &pruned]).unwrap()[0]["index"].as_u64().unwrap();
+    custody_ok(&home, &["proof", "inclusion", &pruned_index.to_string(), "--flight", f]);
+    custody_ok(&home, &["events", "--verify", "--key", &key, "--session", &pruned, "--flight", f]);
+    custody_ok(&home, &["verify", "--key", &key, "--offline", archive.to_str().unwrap()]);
+    // A pruned block cannot be exported again, and says why.
+    let out = custody_cmd(&home, None).args(["export", "--flight", f, "--key", &key, stack.dir.path().join("again").to_str().unwrap()]).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("pruned"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // After a restart, the node's own self-check accepts the pruned entries.
+    let mut stack = stack;
+    let ledger = &mut stack.ledger;
+    ledger.kill();
+    ledger.restart().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = http_get(ledger.http, "/metrics").unwrap_or_default();
+        let passed = metrics.lines().any(|l| l.starts_with("custody_ledger_self_checks_passed_total") && !l.ends_with(" 0"));
+        assert!(!metrics.lines().any(|l| l.starts_with("custody_ledger_self_checks_failed_total") && !l.ends_with(" 0")), "the self-check failed on pruned entries: {}", http_get(ledger.http, "/readyz").unwrap_or_default());
+        if passed && http_get(ledger.http, "/readyz").unwrap_or_default().starts_with("ready") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no passed self-check after restart:\n{metrics}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    custody_ok(&home, &["hold", &kept, "--release", "--flight", &ledger.flight()]);
+    assert!(custody_ok(&home, &["holds", "--flight", &ledger.flight()]).contains("no legal holds"));
+}

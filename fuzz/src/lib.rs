@@ -97,6 +97,11 @@ pub fn tunnel(data: &[u8]) {
 /// Ledger entries as read back from disk or from an export: decode, then chain.
 pub fn entry(data: &[u8]) {
     let _ = custody_proto::entry::Entry::decode(data);
+    // A pruned entry (retention) must round-trip exactly when it decodes.
+    if let Ok(p) = custody_proto::entry::PrunedEntry::decode(data) {
+        assert_eq!(p.encode(), data, "a decoded pruned entry must re-encode to the same bytes");
+    }
+    let _ = custody_proto::entry::stored_leaf(data);
     let mut chain = custody_proto::entry::ChainVerifier::new();
     for part in data.split(|b| *b == 0xff) {
         if chain.push(part).is_err() {

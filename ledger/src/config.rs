@@ -91,6 +91,8 @@ pub struct LedgerConfig {
     pub self_check: SelfCheckConfig,
     /// Who may read events, sessions and entries; absent: anyone who reaches the node.
     pub readers: Option<ReadersConfig>,
+    /// Pruning exported payloads from hot storage; absent: nothing is ever pruned.
+    pub retention: Option<crate::retention::RetentionConfig>,
 }
 
 /// The tokens that may read the audit log.
@@ -332,6 +334,7 @@ impl LedgerConfig {
             blocks: BlocksConfig::default(),
             self_check: SelfCheckConfig::default(),
             readers: None,
+            retention: None,
         }
     }
 

@@ -84,9 +84,7 @@ impl LedgerFlight {
     /// recorded is refused (fail closed). A follower hands the event to the leader.
     pub(crate) async fn record_query(&self, reader: Option<&custody_proto::Identity>, interface: &str, query: &str) -> Result<(), Status> {
         let Some(reader) = reader else { return Ok(()) };
-        use custody_proto::pb::v1::{event, AuditQuery, Protocol};
-        use prost::Message as _;
-        let st = self.node.status();
+        use custody_proto::pb::v1::{event, AuditQuery};
         let mut query = query.to_string();
         if query.len() > 64 * 1024 {
             let mut cut = 64 * 1024;
@@ -95,28 +93,99 @@ impl LedgerFlight {
             }
             query.truncate(cut);
         }
+        let node = self.node.status().id.to_string();
+        let body = event::Body::AuditQuery(AuditQuery { query, interface: interface.into(), node });
+        self.append_own(Some(reader), custody_proto::EventKind::AuditQuery, "audit", body)
+            .await
+            .map(|_| ())
+            .map_err(|e| Status::unavailable(format!("cannot record this query in the ledger ({e}); it is not served")))
+    }
+
+    /// Appends an event the ledger writes about itself (outside any session) and returns
+    /// its index: through this node's Raft loop, or handed to the leader by a follower.
+    async fn append_own(&self, who: Option<&custody_proto::Identity>, kind: custody_proto::EventKind, prefix: &str, body: custody_proto::pb::v1::event::Body) -> Result<u64, String> {
+        use custody_proto::pb::v1::Protocol;
+        use prost::Message as _;
+        let st = self.node.status();
         let ev = custody_proto::Event {
             proxy_id: format!("ledger-{}", st.id),
-            session_id: format!("audit-{}", uuid::Uuid::now_v7()),
+            session_id: format!("{prefix}-{}", uuid::Uuid::now_v7()),
             seq: 0,
             proxy_time_ns: crate::node::now_ns(),
-            kind: custody_proto::EventKind::AuditQuery as i32,
-            identity: Some(reader.clone()),
+            kind: kind as i32,
+            identity: who.cloned(),
             protocol: Protocol::Flight as i32,
-            body: Some(event::Body::AuditQuery(AuditQuery { query, interface: interface.into(), node: st.id.to_string() })),
+            body: Some(body),
             ..Default::default()
         };
         let bytes = bytes::Bytes::from(ev.encode_to_vec());
-        let refused = |e: String| Status::unavailable(format!("cannot record this query in the ledger ({e}); it is not served"));
-        match self.node.append(vec![bytes.clone()], Duration::from_secs(5)).await {
-            Ok(_) => Ok(()),
+        let results = match self.node.append(vec![bytes.clone()], Duration::from_secs(5)).await {
+            Ok(r) => r,
             Err(crate::node::NodeError::NotLeader { leader_addr: Some(addr), .. }) => {
-                let mut c = custody_proto::pb::ledger::ledger_client::LedgerClient::connect(format!("http://{addr}")).await.map_err(|e| refused(e.to_string()))?;
-                c.append(custody_proto::pb::ledger::AppendRequest { events: vec![bytes] }).await.map_err(|e| refused(e.message().to_string()))?;
-                Ok(())
+                let mut c = custody_proto::pb::ledger::ledger_client::LedgerClient::connect(format!("http://{addr}")).await.map_err(|e| e.to_string())?;
+                c.append(custody_proto::pb::ledger::AppendRequest { events: vec![bytes] }).await.map_err(|e| e.message().to_string())?.into_inner().results
             }
-            Err(e) => Err(refused(e.to_string())),
+            Err(e) => return Err(e.to_string()),
+        };
+        results.first().map(|r| r.index).ok_or_else(|| "the ledger returned no result".into())
+    }
+
+    /// `record_export`: a finished, verified export, as `custody export` reports it.
+    async fn record_export(&self, who: Option<&custody_proto::Identity>, req: &serde_json::Value) -> Result<serde_json::Value, Status> {
+        let s = |k: &str| req[k].as_str().map(str::to_string).ok_or_else(|| Status::invalid_argument(format!("record_export needs {k:?} (a string)")));
+        let n = |k: &str| req[k].as_u64().ok_or_else(|| Status::invalid_argument(format!("record_export needs {k:?} (an integer)")));
+        let rec = custody_proto::pb::v1::ExportRecord {
+            target: s("target")?,
+            manifest: s("manifest")?,
+            manifest_sha256: s("manifest_sha256")?,
+            checkpoint_size: n("size")?,
+            first_height: n("first_height")?,
+            last_height: n("last_height")?,
+            first_index: n("first_index")?,
+            end_index: n("end_index")?,
+            rows: n("rows")?,
+            node: self.node.status().id.to_string(),
+        };
+        let ledger = self.ledger_state()?.next_index;
+        if rec.target.is_empty() || rec.target.len() > 1024 || rec.manifest.is_empty() || rec.manifest.len() > 1024 || rec.manifest_sha256.len() != 64 {
+            return Err(Status::invalid_argument("record_export: target and manifest must be 1..=1024 bytes and manifest_sha256 64 hex digits"));
         }
+        if rec.first_index >= rec.end_index || rec.end_index > rec.checkpoint_size || rec.checkpoint_size > ledger || rec.first_height > rec.last_height {
+            return Err(Status::invalid_argument(format!(
+                "record_export: entries {}..{} in a checkpoint of size {} do not fit this ledger of {ledger} entries",
+                rec.first_index, rec.end_index, rec.checkpoint_size
+            )));
+        }
+        let index = self
+            .append_own(who, custody_proto::EventKind::Export, "export", custody_proto::pb::v1::event::Body::ExportRecord(rec))
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot record the export in the ledger: {e}")))?;
+        Ok(serde_json::json!({"index": index}))
+    }
+
+    /// `legal_hold`: places (or with `"release": true` releases) a hold on a session.
+    async fn legal_hold(&self, who: Option<&custody_proto::Identity>, req: &serde_json::Value) -> Result<serde_json::Value, Status> {
+        let session_id = req["session_id"].as_str().filter(|s| !s.is_empty() && s.len() <= crate::state::MAX_ID_LEN).ok_or_else(|| Status::invalid_argument("legal_hold needs \"session_id\""))?;
+        let released = req["release"].as_bool().unwrap_or(false);
+        let reason = req["reason"].as_str().unwrap_or("").to_string();
+        if !released && (reason.trim().is_empty() || reason.len() > 4096) {
+            return Err(Status::invalid_argument("legal_hold needs a \"reason\" (1..=4096 bytes): who asked for it and why"));
+        }
+        let store = self.store.get();
+        let known = store.get(crate::store::cf::SESSIONS, session_id.as_bytes()).map_err(|e| Status::internal(e.to_string()))?.is_some();
+        if !known {
+            return Err(Status::not_found(format!("no session {session_id:?} in this ledger")));
+        }
+        let held = crate::state::is_held(&store, session_id).map_err(|e| Status::internal(e.to_string()))?;
+        if released && !held {
+            return Err(Status::failed_precondition(format!("session {session_id} is not under a legal hold")));
+        }
+        let body = custody_proto::pb::v1::event::Body::LegalHold(custody_proto::pb::v1::LegalHold { session_id: session_id.into(), reason, released });
+        let index = self
+            .append_own(who, custody_proto::EventKind::LegalHold, "hold", body)
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot record the legal hold in the ledger: {e}")))?;
+        Ok(serde_json::json!({"index": index, "session_id": session_id, "held": !released}))
     }
 
     /// The reader of a request (`None` when reads are open), or the refusal.
@@ -248,7 +317,7 @@ impl LedgerFlight {
             "index": index,
             "size": size,
             "root": B64.encode(root),
-            "leaf_hash": B64.encode(merkle::leaf_hash(&entry)),
+            "leaf_hash": B64.encode(custody_proto::entry::stored_leaf(&entry)),
             "entry": B64.encode(&entry),
             "proof": proof.iter().map(|h| B64.encode(h)).collect::<Vec<_>>(),
         }))
@@ -547,6 +616,26 @@ impl FlightService for LedgerFlight {
             "CreatePreparedStatement" | "ClosePreparedStatement" => {
                 self.reader(request.metadata()).await?;
             }
+            t @ ("record_export" | "legal_hold" | "legal_holds") => {
+                let who = self.reader(request.metadata()).await?;
+                let req: serde_json::Value = if request.get_ref().body.is_empty() {
+                    serde_json::json!({})
+                } else {
+                    serde_json::from_slice(&request.get_ref().body).map_err(|e| Status::invalid_argument(format!("the action body must be JSON: {e}")))?
+                };
+                self.read_barrier(None).await?;
+                let body = match t {
+                    "record_export" => self.record_export(who.as_ref(), &req).await?,
+                    "legal_hold" => self.legal_hold(who.as_ref(), &req).await?,
+                    _ => {
+                        self.record_query(who.as_ref(), "action", "legal_holds").await?;
+                        let holds = crate::state::legal_holds(&self.store.get()).map_err(|e| Status::internal(e.to_string()))?;
+                        serde_json::json!({"holds": holds.iter().map(|(s, r)| serde_json::json!({"session_id": s, "reason": r})).collect::<Vec<_>>()})
+                    }
+                };
+                let r = arrow_flight::Result::new(body.to_string());
+                return Ok(Response::new(Box::pin(stream::once(async { Ok(r) }))));
+            }
             _ => {}
         }
         let action = request.into_inner();
@@ -583,6 +672,8 @@ impl FlightService for LedgerFlight {
                     "term": node.term,
                     "leader_id": node.leader_id,
                     "applied_index": node.applied,
+                    "pruned_through": crate::state::pruned_through(&store).map_err(|e| Status::internal(e.to_string()))?,
+                    "legal_holds": crate::state::legal_holds(&store).map_err(|e| Status::internal(e.to_string()))?.len(),
                 });
                 let r = arrow_flight::Result::new(body.to_string());
                 Ok(Response::new(Box::pin(stream::once(async { Ok(r) }))))
@@ -624,7 +715,7 @@ impl FlightService for LedgerFlight {
             // Flight SQL's own actions (prepared statements).
             "CreatePreparedStatement" | "ClosePreparedStatement" => FlightService::do_action(self.sql()?, Request::new(action)).await,
             other => Err(Status::invalid_argument(format!(
-                "unknown action {other:?}; actions: status, checkpoint, blocks, inclusion_proof, inclusion_proofs, consistency_proof, and Flight SQL's CreatePreparedStatement, ClosePreparedStatement"
+                "unknown action {other:?}; actions: status, checkpoint, blocks, inclusion_proof, inclusion_proofs, consistency_proof, record_export, legal_hold, legal_holds, and Flight SQL's CreatePreparedStatement, ClosePreparedStatement"
             ))),
         }
     }
@@ -640,6 +731,9 @@ impl FlightService for LedgerFlight {
             ("inclusion_proof", "{\"index\": I, \"size\": N}: the RFC 6962 inclusion proof of entry I in the tree of size N, with the entry's canonical bytes"),
             ("inclusion_proofs", "{\"indices\": [I, ...], \"size\": N}: inclusion proofs of up to 1000 entries in the tree of size N, with their canonical bytes"),
             ("consistency_proof", "{\"first\": M, \"second\": N}: the RFC 6962 consistency proof between the trees of sizes M and N"),
+            ("record_export", "a finished, verified export (custody export): target, manifest, manifest_sha256, size, first/last_height, first_index, end_index, rows"),
+            ("legal_hold", "{\"session_id\": S, \"reason\": R} places a legal hold on a session (its payloads are never pruned); {\"release\": true} releases it"),
+            ("legal_holds", "the sessions under a legal hold, with reasons"),
         ]
         .map(|(t, d)| Ok(ActionType { r#type: t.into(), description: d.into() }));
         Ok(Response::new(Box::pin(stream::iter(actions))))

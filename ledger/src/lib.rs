@@ -33,6 +33,7 @@ pub mod node;
 pub mod peer;
 pub mod raft_log;
 pub mod readers;
+pub mod retention;
 pub mod scan;
 pub mod selfcheck;
 pub mod server;

@@ -14,7 +14,7 @@ use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 use custody_proto::block::BlockHeader;
-use custody_proto::pb::ledger::{raft_command, AbandonCommand, AppendCommand, AppendResult, LeaseCommand, Member, RaftCommand, SealCommand};
+use custody_proto::pb::ledger::{raft_command, AbandonCommand, AppendCommand, AppendResult, LeaseCommand, Member, PruneCommand, RaftCommand, SealCommand};
 use custody_proto::pb::v1::{event, Identity, Protocol, SessionEnd};
 use custody_proto::{Event, EventKind};
 use prost::Message;
@@ -103,6 +103,13 @@ pub enum Applied {
     Abandoned(u32),
     /// Blocks sealed.
     Sealed(u32),
+    /// Entries pruned, and entries kept for a legal hold.
+    Pruned {
+        /// Payloads removed.
+        pruned: u64,
+        /// Entries of held sessions left whole.
+        held: u64,
+    },
 }
 
 /// The state machine of one ledger node.
@@ -419,6 +426,47 @@ impl LedgerMachine {
                 }
                 last_block = last;
                 Applied::Sealed(sealed)
+            }
+            Some(raft_command::Command::Prune(PruneCommand { now_ns, from_index, end_index, event })) => {
+                let done = crate::state::pruned_through(&store)?;
+                let (from, end) = (from_index.max(done), end_index.min(state.next_index));
+                if from >= end {
+                    Applied::Nothing
+                } else {
+                    let (mut pruned, mut held) = (0u64, 0u64);
+                    let mut holds: HashMap<String, bool> = HashMap::new();
+                    for r in store.entries_from(from)? {
+                        let (i, bytes) = r?;
+                        if i >= end {
+                            break;
+                        }
+                        if custody_proto::entry::is_pruned(&bytes) {
+                            continue;
+                        }
+                        let Ok(e) = custody_proto::entry::Entry::decode(&bytes) else { continue };
+                        let ev = custody_proto::Event::decode(e.event).unwrap_or_default();
+                        let is_held = match holds.get(&ev.session_id) {
+                            Some(h) => *h,
+                            None => {
+                                let h = crate::state::is_held(&store, &ev.session_id)?;
+                                holds.insert(ev.session_id.clone(), h);
+                                h
+                            }
+                        };
+                        if is_held {
+                            held += 1;
+                            continue;
+                        }
+                        let p = custody_proto::entry::PrunedEntry::of(&bytes, &e, ev.kind, &ev.session_id);
+                        writes.push(Put::new(cf::ENTRIES, i.to_be_bytes().to_vec(), p.encode()));
+                        pruned += 1;
+                    }
+                    writes.push(Put::new(cf::META, crate::state::META_PRUNED_THROUGH.to_vec(), end.to_be_bytes().to_vec()));
+                    // The prune event goes after the entries it prunes, so it is never pruned
+                    // by its own command.
+                    let _ = self.apply_group(&mut state, now_ns, vec![Bytes::from(event)], &mut overlay, &mut writes)?;
+                    Applied::Pruned { pruned, held }
+                }
             }
             None => Applied::Nothing,
         };

@@ -218,6 +218,18 @@ pub enum Input {
         /// Members after it.
         reply: Reply<Vec<Member>>,
     },
+    /// Retention (leader only): propose pruning the payloads of entries `from..end`, with the
+    /// PRUNE event to append. Replies once proposed; apply re-checks everything.
+    Prune {
+        /// First entry.
+        from: u64,
+        /// End, exclusive.
+        end: u64,
+        /// The encoded PRUNE event.
+        event: Bytes,
+        /// Proposed, or why not.
+        reply: Reply<()>,
+    },
     /// Hand leadership to another voter.
     TransferLeader(u64),
     /// A peer could not be reached.
@@ -324,6 +336,13 @@ impl NodeHandle {
     pub async fn lease(&self, proxy_id: String, instance: String, ttl: Duration, timeout: Duration) -> Result<(i64, u32), NodeError> {
         let (reply, rx) = oneshot::channel();
         self.send(Input::Lease { proxy_id, instance, ttl, reply })?;
+        wait(rx, timeout).await
+    }
+
+    /// Proposes a prune (leader only); see [`Input::Prune`].
+    pub async fn prune(&self, from: u64, end: u64, event: Bytes, timeout: Duration) -> Result<(), NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Input::Prune { from, end, event, reply })?;
         wait(rx, timeout).await
     }
 
@@ -619,6 +638,15 @@ impl<T: Transport> Node<T> {
             Input::Append { events, arrived, reply } => {
                 self.pending_bytes += events.iter().map(|e| e.len()).sum::<usize>();
                 self.pending.push(PendingAppend { events, arrived, reply });
+            }
+            Input::Prune { from, end, event, reply } => {
+                if !self.is_leader() {
+                    let _ = reply.send(Err(self.not_leader()));
+                    return;
+                }
+                let cmd = RaftCommand { command: Some(raft_command::Command::Prune(custody_proto::pb::ledger::PruneCommand { now_ns: now_ns(), from_index: from, end_index: end, event: event.to_vec() })) };
+                self.propose(cmd, Waiter::None);
+                let _ = reply.send(Ok(()));
             }
             Input::Lease { proxy_id, instance, ttl, reply } => {
                 if !self.is_leader() {
@@ -1140,6 +1168,9 @@ impl<T: Transport> Node<T> {
                 if n > 0 {
                     info!(sessions = n, "closed the open sessions of a lapsed proxy lease");
                 }
+            }
+            (Waiter::None, Applied::Pruned { pruned, held }) => {
+                info!(pruned, held, "retention: pruned exported payloads from hot storage (held sessions kept)");
             }
             (w, _) => fail_waiter(w, NodeError::Unknown("unexpected outcome".into())),
         }

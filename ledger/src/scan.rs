@@ -5,7 +5,7 @@
 //! The remaining filters apply to decoded events.
 
 use arrow::array::RecordBatch;
-use custody_proto::entry::Entry;
+use custody_proto::entry::{Entry, PrunedEntry};
 use thiserror::Error;
 
 use crate::state::{by_field_prefix, by_session_key, Field, Lookup};
@@ -41,6 +41,10 @@ fn commit_time(store: &Store, index: u64) -> Result<i64, ScanError> {
         index,
         reason: "missing".into(),
     })?;
+    if custody_proto::entry::is_pruned(&bytes) {
+        let p = PrunedEntry::decode(&bytes).map_err(|e| ScanError::Corrupt { index, reason: e.to_string() })?;
+        return Ok(p.commit_time_ns);
+    }
     let e = Entry::decode(&bytes).map_err(|e| ScanError::Corrupt {
         index,
         reason: e.to_string(),
@@ -187,6 +191,24 @@ pub fn scan(
             let mut b = EventsBuilder::new();
             for r in indices {
                 let (index, bytes) = r?;
+                if custody_proto::entry::is_pruned(&bytes) {
+                    // Retention removed the payload: the row keeps its index, time, session,
+                    // kind and hash, and says `pruned`. Filters on what is gone do not match.
+                    let p = PrunedEntry::decode(&bytes).map_err(|e| ScanError::Corrupt { index, reason: e.to_string() })?;
+                    let ev = custody_proto::Event { session_id: p.session_id.clone(), kind: p.kind, ..Default::default() };
+                    if p.index != index || !q.matches(&ev) {
+                        continue;
+                    }
+                    b.push_pruned(&p);
+                    n += 1;
+                    if b.len() >= BATCH_ROWS && !sink(b.finish()) {
+                        return Ok(());
+                    }
+                    if n >= limit {
+                        break;
+                    }
+                    continue;
+                }
                 let entry = Entry::decode(&bytes).map_err(|e| ScanError::Corrupt {
                     index,
                     reason: e.to_string(),

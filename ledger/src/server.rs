@@ -232,6 +232,10 @@ async fn run_node(cfg: LedgerConfig, shutdown: impl Future<Output = ()> + Send +
         }
         None => warn!("reads are not authenticated: anyone who reaches {} can read the audit log; configure [readers] with issuers and auditor groups", cfg.listen),
     }
+    if let Some(r) = &cfg.retention {
+        let after = r.validate()?;
+        tokio::spawn(crate::retention::run(r.clone(), after, handle.clone(), store.clone()));
+    }
     tokio::spawn(sign_blocks(handle.clone(), store.clone(), signer.clone(), integrity.clone(), metrics.clone(), cfg.self_check.on_start));
     if cfg.self_check.on_start || cfg.self_check.interval_s > 0 {
         tokio::spawn(self_checks(cfg.self_check.clone(), store.clone(), signer.clone(), integrity.clone(), metrics.clone()));

@@ -15,6 +15,7 @@ use custody_proto::pb::ledger::AppendResult;
 use custody_proto::pb::v1::{event, EventKind};
 use custody_proto::Event;
 use prost::Message;
+use sha2::Digest as _;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -284,6 +285,10 @@ pub fn backfill_field_index(store: &Store, chunk: usize) -> Result<u64, StoreErr
     let mut writes = Vec::new();
     for r in store.entries_from(0)? {
         let (index, bytes) = r?;
+        if custody_proto::entry::is_pruned(&bytes) {
+            // Pruned after the index existed: its keys are already there.
+            continue;
+        }
         let e = Entry::decode(&bytes).map_err(|e| StoreError::Corrupt(format!("entry {index}: {e}")))?;
         let ev = Event::decode(e.event).map_err(|e| StoreError::Corrupt(format!("entry {index}: event: {e}")))?;
         for k in by_field_keys(&ev, index) {
@@ -579,8 +584,14 @@ impl LedgerState {
                         let stored = lookup.entry_at(index)?.ok_or_else(|| {
                             StoreError::Corrupt(format!("idempotency key points at missing entry {index}"))
                         })?;
-                        let e = Entry::decode(&stored).map_err(|e| StoreError::Corrupt(format!("entry {index}: {e}")))?;
-                        e.event == &bytes[..]
+                        if custody_proto::entry::is_pruned(&stored) {
+                            // Retention kept the event's hash: a retry still matches.
+                            let p = custody_proto::entry::PrunedEntry::decode(&stored).map_err(|e| StoreError::Corrupt(format!("entry {index}: {e}")))?;
+                            p.event_sha256 == <[u8; 32]>::from(sha2::Sha256::digest(&bytes[..]))
+                        } else {
+                            let e = Entry::decode(&stored).map_err(|e| StoreError::Corrupt(format!("entry {index}: {e}")))?;
+                            e.event == &bytes[..]
+                        }
                     }
                 };
                 if !same {
@@ -606,8 +617,15 @@ impl LedgerState {
                 });
                 continue;
             }
-            // An audit query belongs to no session: it is stored and indexed, nothing more.
-            let summary = if ev.kind == EventKind::AuditQuery as i32 {
+            // The ledger's own records (audit queries, exports, legal holds, prunes) belong to
+            // no session: they are stored and indexed, and holds and exports noted.
+            let summary = if is_ledger_record(ev.kind) {
+                match &ev.body {
+                    Some(event::Body::LegalHold(h)) if h.released => writes.push(Put::delete(cf::META, hold_key(&h.session_id))),
+                    Some(event::Body::LegalHold(h)) => writes.push(Put::new(cf::META, hold_key(&h.session_id), h.reason.clone().into_bytes())),
+                    Some(event::Body::ExportRecord(x)) => writes.push(Put::new(cf::META, export_key(&x.target, x.first_index), x.encode_to_vec())),
+                    _ => {}
+                }
                 None
             } else {
                 let summary = match sessions.remove(&ev.session_id) {
@@ -712,8 +730,8 @@ fn fold_session(mut s: SessionSummary, ev: &Event, index: u64, commit: i64) -> S
             s.status = "denied".into();
             s.end_reason = format!("{}: {}", d.check, d.reason);
         }
-        // Not part of a session (apply_append stores it without one).
-        Some(event::Body::AuditQuery(_)) => {}
+        // Not part of a session (apply_append stores them without one).
+        Some(event::Body::AuditQuery(_) | event::Body::ExportRecord(_) | event::Body::LegalHold(_) | event::Body::Prune(_)) => {}
         Some(event::Body::SessionEnd(e)) => {
             if s.status != "denied" {
                 if e.reason == END_ABANDONED {
@@ -733,9 +751,83 @@ fn fold_session(mut s: SessionSummary, ev: &Event, index: u64, commit: i64) -> S
 
 pub use custody_proto::table::protocol_name;
 
+/// Kinds the ledger records about itself, outside any session.
+pub fn is_ledger_record(kind: i32) -> bool {
+    [EventKind::AuditQuery, EventKind::Export, EventKind::LegalHold, EventKind::Prune].iter().any(|k| *k as i32 == kind)
+}
+
+const HOLD_PREFIX: &[u8] = b"hold/";
+const EXPORT_PREFIX: &[u8] = b"export/";
+
+/// `cf::META` key of a session's legal hold (value: the reason).
+pub fn hold_key(session_id: &str) -> Vec<u8> {
+    [HOLD_PREFIX, session_id.as_bytes()].concat()
+}
+
+/// `cf::META` key of an export record (value: the `ExportRecord`).
+pub fn export_key(target: &str, first_index: u64) -> Vec<u8> {
+    [EXPORT_PREFIX, target.as_bytes(), b"\0", &first_index.to_be_bytes()].concat()
+}
+
+/// Sessions under a legal hold, with the reason.
+pub fn legal_holds(store: &Store) -> Result<Vec<(String, String)>, StoreError> {
+    Ok(store
+        .scan_prefix(cf::META, HOLD_PREFIX)?
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .map(|(k, v)| (String::from_utf8_lossy(&k[HOLD_PREFIX.len()..]).into_owned(), String::from_utf8_lossy(&v).into_owned()))
+        .collect())
+}
+
+/// Whether `session_id` is under a legal hold.
+pub fn is_held(store: &Store, session_id: &str) -> Result<bool, StoreError> {
+    Ok(store.get(cf::META, &hold_key(session_id))?.is_some())
+}
+
+/// The export records for `target`, by first index.
+pub fn export_records(store: &Store, target: &str) -> Result<Vec<custody_proto::pb::v1::ExportRecord>, StoreError> {
+    let prefix = [EXPORT_PREFIX, target.as_bytes(), b"\0"].concat();
+    let rows = store.scan_prefix(cf::META, &prefix)?.collect::<Result<Vec<_>, _>>()?;
+    rows.into_iter()
+        .map(|(_, v)| custody_proto::pb::v1::ExportRecord::decode(&v[..]).map_err(|e| StoreError::Corrupt(format!("export record: {e}"))))
+        .collect()
+}
+
+/// The end of the contiguous prefix of the log that exports to `target` cover (from index 0).
+pub fn exported_end(records: &[custody_proto::pb::v1::ExportRecord]) -> u64 {
+    let mut end = 0;
+    let mut rs: Vec<_> = records.iter().collect();
+    rs.sort_by_key(|r| r.first_index);
+    for r in rs {
+        if r.first_index <= end {
+            end = end.max(r.end_index);
+        }
+    }
+    end
+}
+
+/// `cf::META` key: entries below this index were pruned (retention).
+pub const META_PRUNED_THROUGH: &[u8] = b"pruned_through";
+
+/// Entries below this index had their payloads pruned (held sessions' excepted).
+pub fn pruned_through(store: &Store) -> Result<u64, StoreError> {
+    Ok(store.get(cf::META, META_PRUNED_THROUGH)?.and_then(|v| v.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_contiguous_exported_prefix_counts_for_retention() {
+        let rec = |first_index: u64, end_index: u64| custody_proto::pb::v1::ExportRecord { first_index, end_index, ..Default::default() };
+        assert_eq!(exported_end(&[]), 0);
+        // An export that starts later (--since) leaves a gap: nothing before it counts.
+        assert_eq!(exported_end(&[rec(100, 200)]), 0);
+        assert_eq!(exported_end(&[rec(100, 200), rec(0, 100)]), 200);
+        assert_eq!(exported_end(&[rec(0, 50), rec(60, 90)]), 50);
+        assert_eq!(exported_end(&[rec(0, 80), rec(50, 120), rec(300, 400)]), 120);
+    }
     use custody_proto::entry::ChainVerifier;
     use custody_proto::pb::v1::{Identity, PgRequest};
 

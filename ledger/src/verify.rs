@@ -3,7 +3,7 @@
 use custody_proto::entry::{hex, ChainError, ChainVerifier};
 use thiserror::Error;
 
-use custody_proto::merkle::{self, leaf_hash, MemoryTree, NodeSource};
+use custody_proto::merkle::{self, MemoryTree, NodeSource};
 
 use crate::state::{stored_tree_size, LedgerState, StoredTree};
 use crate::store::{Store, StoreError};
@@ -139,7 +139,7 @@ pub fn verify_store_against(store: &Store, signed: Option<(u64, merkle::Hash)>) 
         }
         // The stored leaf first: it names the changed entry itself, where the chain would
         // only notice at the next entry's link.
-        let leaf = leaf_hash(&bytes);
+        let leaf = custody_proto::entry::stored_leaf(&bytes);
         if let Some(stored) = crate::state::Lookup::tree_node(store, 0, index)? {
             if stored != leaf {
                 return Err(VerifyError::TreeNodeMismatch { level: 0, index, first: index });
@@ -243,6 +243,7 @@ mod tests {
     use crate::state::{tree_node_key, AppendBatch};
     use crate::store::{cf, Put};
     use custody_proto::pb::v1::{event, PgRequest};
+    use custody_proto::merkle::leaf_hash;
     use custody_proto::{Event, EventKind};
     use prost::Message;
 

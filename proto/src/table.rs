@@ -7,11 +7,11 @@
 
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, FixedSizeBinaryBuilder, ListBuilder, RecordBatch, StringBuilder, TimestampNanosecondBuilder, UInt64Builder};
+use arrow::array::{ArrayRef, BooleanBuilder, FixedSizeBinaryBuilder, ListBuilder, RecordBatch, StringBuilder, TimestampNanosecondBuilder, UInt64Builder};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use prost::Message;
 
-use crate::entry::{entry_hash, Entry};
+use crate::entry::{entry_hash, Entry, PrunedEntry};
 use crate::pb::v1::{event, EventKind, Outcome, Param, PgResponse};
 use crate::Event;
 
@@ -33,6 +33,9 @@ pub fn kind_from_name(name: &str) -> Option<i32> {
         "denied" => EventKind::Denied,
         "session_end" => EventKind::SessionEnd,
         "audit_query" => EventKind::AuditQuery,
+        "export" => EventKind::Export,
+        "legal_hold" => EventKind::LegalHold,
+        "prune" => EventKind::Prune,
         _ => return None,
     } as i32)
 }
@@ -46,6 +49,9 @@ pub fn kind_name(kind: i32) -> &'static str {
         Ok(EventKind::Denied) => "denied",
         Ok(EventKind::SessionEnd) => "session_end",
         Ok(EventKind::AuditQuery) => "audit_query",
+        Ok(EventKind::Export) => "export",
+        Ok(EventKind::LegalHold) => "legal_hold",
+        Ok(EventKind::Prune) => "prune",
         _ => "unspecified",
     }
 }
@@ -112,6 +118,9 @@ pub fn events_schema() -> SchemaRef {
         Field::new("application_name", DataType::Utf8, true),
         Field::new("reason", DataType::Utf8, true),
         Field::new("entry_hash", DataType::FixedSizeBinary(32), false),
+        // True when retention removed the event's payload from hot storage (it is in the
+        // export); only index, times, session, kind and hash are left.
+        Field::new("pruned", DataType::Boolean, false),
     ]))
 }
 
@@ -205,6 +214,7 @@ pub struct EventsBuilder {
     application_name: StringBuilder,
     reason: StringBuilder,
     entry_hash: FixedSizeBinaryBuilder,
+    pruned: BooleanBuilder,
     len: usize,
 }
 
@@ -254,6 +264,7 @@ impl EventsBuilder {
             application_name: StringBuilder::new(),
             reason: StringBuilder::new(),
             entry_hash: FixedSizeBinaryBuilder::new(32),
+            pruned: BooleanBuilder::new(),
             len: 0,
         }
     }
@@ -270,6 +281,10 @@ impl EventsBuilder {
 
     /// Adds one event.
     pub fn push(&mut self, entry: &Entry<'_>, entry_bytes: &[u8], ev: &Event) {
+        self.push_row(entry, ev, &entry_hash(entry_bytes), false)
+    }
+
+    fn push_row(&mut self, entry: &Entry<'_>, ev: &Event, hash: &[u8; 32], pruned: bool) {
         self.len += 1;
         self.index.append_value(entry.index);
         self.commit_time.append_value(entry.commit_time_ns);
@@ -295,6 +310,21 @@ impl EventsBuilder {
         // An audit query shows as its interface (message) and its text (sql).
         let audit = match &ev.body {
             Some(event::Body::AuditQuery(q)) => Some(crate::pb::v1::PgRequest { message: format!("flight {}", q.interface), sql: q.query.clone(), ..Default::default() }),
+            Some(event::Body::ExportRecord(x)) => Some(crate::pb::v1::PgRequest {
+                message: "export".into(),
+                sql: format!("{}/{} (blocks {}..={}, entries {}..{}, sha256 {})", x.target, x.manifest, x.first_height, x.last_height, x.first_index, x.end_index, x.manifest_sha256),
+                ..Default::default()
+            }),
+            Some(event::Body::LegalHold(h)) => Some(crate::pb::v1::PgRequest {
+                message: if h.released { "legal hold released".into() } else { "legal hold".into() },
+                sql: format!("session {}: {}", h.session_id, h.reason),
+                ..Default::default()
+            }),
+            Some(event::Body::Prune(p)) => Some(crate::pb::v1::PgRequest {
+                message: "prune".into(),
+                sql: format!("payloads of entries {}..{} removed ({}; exported to {}/{})", p.from_index, p.end_index, p.policy, p.archive, p.manifest),
+                ..Default::default()
+            }),
             _ => None,
         };
         let req = match &ev.body {
@@ -420,7 +450,16 @@ impl EventsBuilder {
             }
         }
         // The hash has exactly 32 bytes, which is the builder's width.
-        let _ = self.entry_hash.append_value(entry_hash(entry_bytes));
+        let _ = self.entry_hash.append_value(hash);
+        self.pruned.append_value(pruned);
+    }
+
+    /// Adds the row of an entry whose payload was pruned: index, commit time, session, kind
+    /// and hash; the rest empty or null.
+    pub fn push_pruned(&mut self, p: &PrunedEntry) {
+        let ev = Event { session_id: p.session_id.clone(), kind: p.kind, ..Default::default() };
+        let entry = Entry { index: p.index, commit_time_ns: p.commit_time_ns, prev_hash: p.prev_hash, event: &[] };
+        self.push_row(&entry, &ev, &p.entry_hash, true);
     }
 
     /// Finishes a batch and resets the builder.
@@ -463,6 +502,7 @@ impl EventsBuilder {
             Arc::new(self.application_name.finish()),
             Arc::new(self.reason.finish()),
             Arc::new(self.entry_hash.finish()),
+            Arc::new(self.pruned.finish()),
         ];
         RecordBatch::try_new(events_schema(), cols).expect("builders match events_schema")
     }

@@ -1,0 +1,219 @@
+//! Retention: the leader removes event payloads from hot storage once a verified export to
+//! the configured archive holds them and they are older than the policy.
+//!
+//! ```toml
+//! [retention]
+//! archive = "s3://audit-lake/custody"   # exactly as `custody export` names the target
+//! prune_after = "30d"                   # blocks sealed longer ago than this
+//! interval_s = 60
+//! ```
+//!
+//! What is pruned, and what is not:
+//! - only entries below the end of the contiguous prefix (from entry 0) that `export` records
+//!   for the archive cover, and only whole blocks sealed more than `prune_after` ago;
+//! - before proposing, the leader reads the archive itself: the recorded manifest must have
+//!   the recorded SHA-256, its checkpoint must be this ledger's own tree at that size, its
+//!   block headers this ledger's own, and each block file the SHA-256 the manifest gives. An
+//!   archive that does not match prunes nothing and says why;
+//! - sessions under a legal hold keep their payloads (checked again on apply);
+//! - the Merkle leaves and chain hashes stay (`custody_proto::entry::PrunedEntry`), so every
+//!   inclusion and consistency proof still holds;
+//! - each prune is itself an event (`prune`: the range, the archive, the manifest, the policy).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use custody_proto::block::BlockHeader;
+use custody_proto::note::{Checkpoint, SignedNote};
+use custody_proto::pb::v1::{event, EventKind, ExportRecord, Prune, Protocol};
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStore, ObjectStoreExt};
+use prost::Message;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tracing::{info, warn};
+
+use crate::machine::StoreCell;
+use crate::node::NodeHandle;
+use crate::store::Store;
+
+/// `[retention]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// The export target whose exports count: `file:///dir` or `s3://bucket/prefix`, as
+    /// `custody export` records it (a directory is recorded as `file://` and its absolute path).
+    pub archive: String,
+    /// Prune payloads of blocks sealed longer ago than this (`30d`, `12h`; `0s`: as soon as
+    /// they are exported).
+    pub prune_after: String,
+    /// Seconds between checks.
+    #[serde(default = "default_interval")]
+    pub interval_s: u64,
+    /// Most entries one prune command covers.
+    #[serde(default = "default_chunk")]
+    pub max_entries: u64,
+}
+
+fn default_interval() -> u64 {
+    60
+}
+fn default_chunk() -> u64 {
+    10_000
+}
+
+impl RetentionConfig {
+    /// Checks the settings.
+    pub fn validate(&self) -> anyhow::Result<Duration> {
+        open_archive(&self.archive).context("[retention] archive")?;
+        anyhow::ensure!(self.interval_s > 0, "[retention] interval_s must be at least 1");
+        anyhow::ensure!(self.max_entries > 0, "[retention] max_entries must be at least 1");
+        humantime::parse_duration(&self.prune_after).with_context(|| format!("[retention] prune_after {:?} is not a duration (30d, 12h, 0s)", self.prune_after))
+    }
+}
+
+/// The archive's object store and the prefix within it.
+fn open_archive(url: &str) -> anyhow::Result<(Arc<dyn ObjectStore>, ObjPath)> {
+    if let Some(rest) = url.strip_prefix("s3://") {
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let s = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket).build().with_context(|| format!("{url}: S3 client (check the AWS_* variables)"))?;
+        return Ok((Arc::new(s), ObjPath::from(prefix.trim_matches('/'))));
+    }
+    let dir = url.strip_prefix("file://").with_context(|| format!("{url}: expected file:///dir or s3://bucket/prefix"))?;
+    anyhow::ensure!(dir.starts_with('/'), "{url}: a file:// archive needs an absolute path");
+    let s = object_store::local::LocalFileSystem::new_with_prefix(dir).with_context(|| format!("{url}: not a directory"))?;
+    Ok((Arc::new(s), ObjPath::default()))
+}
+
+async fn read(store: &dyn ObjectStore, prefix: &ObjPath, rel: &str) -> anyhow::Result<Vec<u8>> {
+    let mut p = prefix.clone();
+    for part in rel.split('/') {
+        anyhow::ensure!(!part.is_empty() && part != "..", "{rel}: not a path inside the archive");
+        p = p.join(part);
+    }
+    let r = store.get(&p).await.with_context(|| format!("reading {rel}"))?;
+    Ok(r.bytes().await.with_context(|| format!("reading {rel}"))?.to_vec())
+}
+
+#[derive(Deserialize)]
+struct ManifestBlock {
+    height: u64,
+    header: String,
+    file: String,
+    sha256: String,
+}
+
+#[derive(Deserialize)]
+struct Manifest {
+    checkpoint: String,
+    size: u64,
+    blocks: Vec<ManifestBlock>,
+}
+
+/// Checks that the archive holds what `rec` says was exported, for the blocks that overlap
+/// entries `from..end`, against this ledger's own tree and blocks.
+pub async fn check_archive(url: &str, rec: &ExportRecord, store: &Store, from: u64, end: u64) -> anyhow::Result<()> {
+    let (os, prefix) = open_archive(url)?;
+    let bytes = read(os.as_ref(), &prefix, &rec.manifest).await?;
+    anyhow::ensure!(hex::encode(Sha256::digest(&bytes)) == rec.manifest_sha256, "{}: its SHA-256 is not the one recorded at export", rec.manifest);
+    let m: Manifest = serde_json::from_slice(&bytes).with_context(|| format!("{} is not an export manifest", rec.manifest))?;
+    let cp = Checkpoint::parse(&SignedNote::parse(&m.checkpoint)?.text)?;
+    anyhow::ensure!(cp.size == m.size && cp.size == rec.checkpoint_size, "{}: checkpoint size {} is not the recorded {}", rec.manifest, cp.size, rec.checkpoint_size);
+    let own = custody_proto::merkle::root(&crate::state::StoredTree(store), cp.size).map_err(|e| anyhow!("this ledger's tree at size {}: {e}", cp.size))?;
+    anyhow::ensure!(own == cp.root, "{}: its checkpoint's root is not this ledger's tree at size {}", rec.manifest, cp.size);
+    for b in &m.blocks {
+        let header = BlockHeader::decode(&B64.decode(&b.header).context("block header is not base64")?).with_context(|| format!("block {}", b.height))?;
+        if header.tree_size <= from || header.first_index >= end {
+            continue;
+        }
+        let mine = store.get(crate::store::cf::BLOCKS, &b.height.to_be_bytes())?.with_context(|| format!("block {}: this ledger has no such block", b.height))?;
+        anyhow::ensure!(mine == header.encode(), "block {}: the manifest's header is not this ledger's", b.height);
+        let file = read(os.as_ref(), &prefix, &b.file).await?;
+        anyhow::ensure!(hex::encode(Sha256::digest(&file)) == b.sha256, "{}: its SHA-256 is not the manifest's", b.file);
+    }
+    Ok(())
+}
+
+/// The next range to prune, `(from, end, record)`, if any: below the archive's exported
+/// prefix, within blocks sealed before `cutoff_ns`, at most `max` entries.
+pub fn next_range(store: &Store, archive: &str, cutoff_ns: i64, max: u64) -> anyhow::Result<Option<(u64, u64, ExportRecord)>> {
+    let done = crate::state::pruned_through(store)?;
+    let records = crate::state::export_records(store, archive)?;
+    let exported = crate::state::exported_end(&records);
+    if exported <= done {
+        return Ok(None);
+    }
+    // Whole blocks only, sealed before the cutoff and ending within the export.
+    let mut aged = done;
+    for r in store.blocks_from(0)? {
+        let (_, bytes) = r?;
+        let b = BlockHeader::decode(&bytes).map_err(|e| anyhow!("{e}"))?;
+        if b.tree_size <= done {
+            continue;
+        }
+        if b.sealed_at_ns > cutoff_ns || b.tree_size > exported {
+            break;
+        }
+        aged = b.tree_size;
+    }
+    if aged <= done {
+        return Ok(None);
+    }
+    let Some(rec) = records.iter().find(|r| r.first_index <= done && done < r.end_index).cloned() else {
+        bail!("no export record covers entry {done}");
+    };
+    Ok(Some((done, aged.min(rec.end_index).min(done + max), rec)))
+}
+
+/// The leader's retention loop.
+pub async fn run(cfg: RetentionConfig, prune_after: Duration, node: NodeHandle, store: StoreCell) {
+    let policy = format!("payloads of blocks sealed more than {} ago, once exported to {}", cfg.prune_after, cfg.archive);
+    info!(%policy, "retention is on");
+    let mut tick = tokio::time::interval(Duration::from_secs(cfg.interval_s));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_warning = String::new();
+    loop {
+        tick.tick().await;
+        let st = node.status();
+        if st.leader_id != st.id {
+            continue;
+        }
+        let s = store.get();
+        let cutoff = crate::node::now_ns().saturating_sub(prune_after.as_nanos().min(i64::MAX as u128) as i64);
+        let next = match next_range(&s, &cfg.archive, cutoff, cfg.max_entries) {
+            Ok(Some(n)) => n,
+            Ok(None) => continue,
+            Err(e) => {
+                warn!(error = %e, "retention: nothing pruned");
+                continue;
+            }
+        };
+        let (from, end, rec) = next;
+        if let Err(e) = check_archive(&cfg.archive, &rec, &s, from, end).await {
+            let msg = format!("{e:#}");
+            if msg != last_warning {
+                warn!(archive = %cfg.archive, manifest = %rec.manifest, error = %msg, "retention: the archive does not hold what was recorded as exported; nothing pruned");
+                last_warning = msg;
+            }
+            continue;
+        }
+        last_warning.clear();
+        let ev = custody_proto::Event {
+            proxy_id: format!("ledger-{}", st.id),
+            session_id: format!("prune-{}", uuid::Uuid::now_v7()),
+            seq: 0,
+            proxy_time_ns: crate::node::now_ns(),
+            kind: EventKind::Prune as i32,
+            protocol: Protocol::Unspecified as i32,
+            body: Some(event::Body::Prune(Prune { from_index: from, end_index: end, archive: cfg.archive.clone(), manifest: rec.manifest.clone(), policy: policy.clone() })),
+            ..Default::default()
+        };
+        match node.prune(from, end, ev.encode_to_vec().into(), Duration::from_secs(5)).await {
+            Ok(()) => info!(from, end, manifest = %rec.manifest, "retention: proposed pruning"),
+            Err(e) => warn!(error = %e, "retention: could not propose pruning"),
+        }
+    }
+}
