@@ -102,19 +102,20 @@ impl Target {
     }
 
     async fn put(&self, rel: &str, bytes: Bytes) -> anyhow::Result<()> {
-        self.store.put(&self.path(rel), PutPayload::from(bytes)).await.with_context(|| format!("writing {}/{rel}", self.url))?;
+        // object_store's errors carry their causes in their own text; keep one copy of it.
+        self.store.put(&self.path(rel), PutPayload::from(bytes)).await.map_err(|e| anyhow!("writing {}/{rel}: {}", self.url, store_error(&e)))?;
         Ok(())
     }
 
     async fn get(&self, rel: &str) -> anyhow::Result<Bytes> {
-        let r = self.store.get(&self.path(rel)).await.with_context(|| format!("reading {}/{rel}", self.url))?;
-        r.bytes().await.with_context(|| format!("reading {}/{rel}", self.url))
+        let r = self.store.get(&self.path(rel)).await.map_err(|e| anyhow!("reading {}/{rel}: {}", self.url, store_error(&e)))?;
+        r.bytes().await.map_err(|e| anyhow!("reading {}/{rel}: {}", self.url, store_error(&e)))
     }
 
     /// Names (relative to the target) of the objects under `dir`, sorted.
     async fn list(&self, dir: &str) -> anyhow::Result<Vec<String>> {
         let base = self.path(dir);
-        let metas: Vec<object_store::ObjectMeta> = self.store.list(Some(&base)).try_collect().await.with_context(|| format!("listing {}/{dir}", self.url))?;
+        let metas: Vec<object_store::ObjectMeta> = self.store.list(Some(&base)).try_collect().await.map_err(|e| anyhow!("listing {}/{dir}: {}", self.url, store_error(&e)))?;
         let mut out: Vec<String> = metas
             .into_iter()
             .filter_map(|m| {
@@ -125,6 +126,18 @@ impl Target {
             .collect();
         out.sort();
         Ok(out)
+    }
+}
+
+/// An object store error in one line: its own text repeats its causes, and an S3 server's
+/// XML body follows; keep the first line and the S3 error code.
+fn store_error(e: &object_store::Error) -> String {
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or("");
+    let first = first.split(": <?xml").next().unwrap_or(first).trim_end_matches([':', ' ']);
+    match text.split_once("<Code>").and_then(|(_, r)| r.split_once("</Code>")) {
+        Some((code, _)) => format!("{first} ({code})"),
+        None => first.to_string(),
     }
 }
 
@@ -300,7 +313,7 @@ pub async fn export(url: &str, spec: &str, since: Option<&str>, until: Option<&s
     let since_ns = since.map(|s| crate::query::time_arg(s).and_then(|t| rfc3339_ns(&t))).transpose()?;
     let until_ns = until.map(|s| crate::query::time_arg(s).and_then(|t| rfc3339_ns(&t))).transpose()?;
     let target = Target::open(spec, true)?;
-    let existing = load_manifests(&target).await?;
+    let existing = load_manifests(&target).await.map_err(|e| anyhow!("{e:#}; nothing was marked as exported"))?;
     let have: std::collections::HashSet<u64> = existing.iter().flat_map(|(_, m)| m.blocks.iter().map(|b| b.height)).collect();
     let trusted = trusted_checkpoint(url, None, keys).await?;
     let cp = &trusted.cp;

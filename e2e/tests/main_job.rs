@@ -150,6 +150,56 @@ fn export_verify_and_read_with_duckdb(stack: &Stack, expect: &std::path::Path) {
     assert!(!out.status.success() && vtext.contains(&format!("index {index}: column sql is not what the row's entry records")), "tampered row {index}: {vtext}");
     // The original still verifies: nothing but the copy was touched.
     assert!(verify(&dir).status.success());
+
+    // The same export to an S3-compatible bucket (moto's S3 server on loopback), verified
+    // offline from the bucket.
+    let s3 = S3Server::start(stack.dir.path());
+    s3.create_bucket("audit-lake");
+    let out = s3.env(&mut custody_cmd(&home, None)).args(["export", "--flight", &flight, "--key", &key, "s3://audit-lake/custody"]).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.contains("to s3://audit-lake/custody; read back and verified"), "{text}");
+    let out = s3.env(&mut custody_cmd(&home, None)).args(["verify", "--key", &key, "--offline", "s3://audit-lake/custody"]).output().unwrap();
+    let vtext = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && vtext.contains("rows; every row's entry proven"), "{vtext}");
+    // A bucket that does not exist fails clearly, and nothing is recorded.
+    let out = s3.env(&mut custody_cmd(&home, None)).args(["export", "--flight", &flight, "--key", &key, "s3://no-such-bucket/x"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success() && text.contains("nothing was marked as exported"), "{text}");
+}
+
+/// moto's S3 server (from e2e/py/requirements.txt) on a free loopback port.
+struct S3Server {
+    port: u16,
+    _proc: Proc,
+}
+
+impl S3Server {
+    fn start(logs: &std::path::Path) -> Self {
+        let port = free_port();
+        let bin = python().with_file_name("moto_server");
+        let mut cmd = Command::new(&bin);
+        cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+        let mut p = Proc::spawn("moto", cmd, logs).unwrap_or_else(|e| panic!("{}: {e} (the test command installs it)", bin.display()));
+        wait_tcp(std::net::SocketAddr::from(([127, 0, 0, 1], port)), "moto_server", &mut p).unwrap();
+        Self { port, _proc: p }
+    }
+
+    fn create_bucket(&self, name: &str) {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        write!(s, "PUT /{name} HTTP/1.0\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\n\r\n", self.port).unwrap();
+        let mut r = String::new();
+        s.read_to_string(&mut r).unwrap();
+        assert!(r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200"), "{r}");
+    }
+
+    fn env<'a>(&self, cmd: &'a mut Command) -> &'a mut Command {
+        cmd.env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ENDPOINT", format!("http://127.0.0.1:{}", self.port))
+            .env("AWS_ALLOW_HTTP", "true")
+    }
 }
 
 #[test]
