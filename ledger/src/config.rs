@@ -40,6 +40,11 @@
 //!                                         # at start); checkpoints, blocks and consistency
 //!                                         # proofs are public either way
 //!
+//! [retention]                            # absent: payloads are kept forever
+//! archive = "s3://audit-lake/custody"     # the export target that counts (file:///dir too)
+//! prune_after = "90d"                     # prune blocks sealed longer ago, once exported there
+//! interval_s = 60                         # and read back and checked by the leader
+//!
 //! [self_check]
 //! on_start = true                         # check the stored log against the last signed
 //! interval_s = 3600                       # checkpoint at start and then every interval (0: never)
