@@ -14,7 +14,13 @@
 //!   to the export run before it by a consistency proof between the two checkpoints.
 //!
 //! A block file that no manifest names is not part of the export (a run that failed part way);
-//! the next run writes it again.
+//! the next run writes it again, and until then `verify --offline` refuses the export.
+//!
+//! The signed checkpoint covers each block's tree (its root, through the block's consistency
+//! proof); a block's other header fields (its seal time) are covered by the next block's
+//! `prev_hash`. The newest block of an export has no next block in it, so its seal time is
+//! checked only by the ledger (which compares headers byte for byte before retention counts
+//! an export), not offline.
 //!
 //! # What verification checks (offline, from pinned keys only)
 //! Each checkpoint's signatures (a majority of the pinned keys, as `custody verify`), each
@@ -78,7 +84,8 @@ impl Target {
                 .build()
                 .with_context(|| format!("{spec}: cannot set up the S3 client (check the AWS_* variables)"))?;
             let prefix = prefix.trim_matches('/');
-            return Ok(Self { store: Arc::new(store), prefix: ObjPath::from(prefix), url: format!("s3://{bucket}/{prefix}") });
+            let url = if prefix.is_empty() { format!("s3://{bucket}") } else { format!("s3://{bucket}/{prefix}") };
+            return Ok(Self { store: Arc::new(store), prefix: ObjPath::from(prefix), url });
         }
         if spec.contains("://") && !spec.starts_with("file://") {
             bail!("{spec}: unsupported export target (use a directory, file:///dir or s3://bucket/prefix)");
@@ -278,6 +285,33 @@ async fn load_manifests(t: &Target) -> anyhow::Result<Vec<(String, Manifest)>> {
         anyhow::ensure!(m.format == EXPORT_FORMAT, "{}/{name}: format {:?}, expected {EXPORT_FORMAT}", t.url, m.format);
         out.push((name, m));
     }
+    chain_order(out, &t.url)
+}
+
+/// Manifests in the order they were written: the first run links to nothing, each later one
+/// to the run before it. A manifest whose predecessor is missing, or two that claim the same
+/// place, mean the export was changed.
+fn chain_order(mut all: Vec<(String, Manifest)>, url: &str) -> anyhow::Result<Vec<(String, Manifest)>> {
+    let mut out: Vec<(String, Manifest)> = Vec::with_capacity(all.len());
+    let mut prev: Option<String> = None;
+    while !all.is_empty() {
+        let next: Vec<usize> = all.iter().enumerate().filter(|(_, (_, m))| m.previous.as_ref().map(|p| &p.manifest) == prev.as_ref()).map(|(i, _)| i).collect();
+        match next.as_slice() {
+            [i] => {
+                let m = all.remove(*i);
+                prev = Some(m.0.clone());
+                out.push(m);
+            }
+            [] => {
+                let (name, m) = &all[0];
+                return Err(match (&prev, &m.previous) {
+                    (_, Some(p)) if !out.iter().any(|(n, _)| *n == p.manifest) => anyhow!("{url}/{name}: the export before it, {}, is missing (manifests were removed)", p.manifest),
+                    _ => anyhow!("{url}/{name}: does not link into the chain of exports (its previous export is not the last one before it)"),
+                });
+            }
+            many => bail!("{url}: {} and {} both claim to follow {}", all[many[0]].0, all[many[1]].0, prev.as_deref().unwrap_or("nothing (the first export)")),
+        }
+    }
     Ok(out)
 }
 
@@ -312,6 +346,9 @@ pub async fn export(url: &str, spec: &str, since: Option<&str>, until: Option<&s
     anyhow::ensure!(!keys.is_empty(), "export needs pinned ledger keys (--key, or ledger_keys in the config): the export is proven against a checkpoint they signed");
     let since_ns = since.map(|s| crate::query::time_arg(s).and_then(|t| rfc3339_ns(&t))).transpose()?;
     let until_ns = until.map(|s| crate::query::time_arg(s).and_then(|t| rfc3339_ns(&t))).transpose()?;
+    if let (Some(s), Some(u)) = (since_ns, until_ns) {
+        anyhow::ensure!(s < u, "--since must be before --until");
+    }
     let target = Target::open(spec, true)?;
     let existing = load_manifests(&target).await.map_err(|e| anyhow!("{e:#}; nothing was marked as exported"))?;
     let have: std::collections::HashSet<u64> = existing.iter().flat_map(|(_, m)| m.blocks.iter().map(|b| b.height)).collect();
@@ -321,8 +358,16 @@ pub async fn export(url: &str, spec: &str, since: Option<&str>, until: Option<&s
         anyhow::ensure!(m.origin == cp.origin, "{} holds an export of another log ({}), not {}", target.url, m.origin, cp.origin);
     }
     let all = pull_blocks(url).await?;
+    // Blocks the ledger's retention already pruned hold no payloads to export (they are in its
+    // archive); they are left out, and said so.
+    let pruned = action(url, "status", &json!({})).await?["pruned_through"].as_u64().unwrap_or(0);
+    let gone: Vec<u64> = all.iter().filter(|b| b.first_index < pruned && !have.contains(&b.height)).map(|b| b.height).collect();
+    if let (Some(first), Some(last)) = (gone.first(), gone.last()) {
+        eprintln!("custody: note: blocks {first}..={last} were pruned from the ledger by its retention policy (their payloads are in its archive) and are not exported here");
+    }
     let selected: Vec<&BlockHeader> = all
         .iter()
+        .filter(|b| b.first_index >= pruned)
         .filter(|b| b.tree_size <= cp.size && !have.contains(&b.height))
         .filter(|b| since_ns.is_none_or(|s| b.sealed_at_ns >= s) && until_ns.is_none_or(|u| b.sealed_at_ns < u))
         .collect();
@@ -438,7 +483,8 @@ struct Report {
     blocks: u64,
     rows: u64,
     signers: Vec<String>,
-    last_header: Option<BlockHeader>,
+    heights: std::collections::BTreeSet<u64>,
+    headers: BTreeMap<u64, BlockHeader>,
 }
 
 /// Verifies one manifest and every file it names. `prev` is the manifest before it.
@@ -458,32 +504,41 @@ async fn check_manifest(t: &Target, m: &Manifest, prev: Option<&Manifest>, pinne
             .map_err(|e| anyhow!("HISTORY REWRITTEN: the checkpoint at size {} does not extend the earlier export's at size {}: {e}", cp.size, pcp.size))?;
     }
     anyhow::ensure!(!m.blocks.is_empty(), "the manifest names no blocks");
+    anyhow::ensure!(m.blocks.windows(2).all(|w| w[0].height < w[1].height), "the manifest's blocks are not in height order");
     for b in &m.blocks {
         let what = format!("block {} ({})", b.height, b.file);
+        anyhow::ensure!(!report.heights.contains(&b.height), "{what}: already in an earlier manifest");
         let header = BlockHeader::decode(&B64.decode(&b.header).with_context(|| format!("{what}: header is not base64"))?).with_context(|| what.clone())?;
         anyhow::ensure!(
             header.height == b.height && header.first_index == b.first_index && header.count == b.count && b.file == block_file(b.height),
             "{what}: the manifest's height, range or file name disagree with the block header"
         );
-        match &report.last_header {
-            Some(p) if p.height + 1 == header.height => header.check_follows(Some(p)).map_err(|e| anyhow!("{what}: {e}"))?,
-            None if header.height == 0 => header.check_follows(None).map_err(|e| anyhow!("{what}: {e}"))?,
-            // A gap (blocks exported by another selection): each block still proves itself.
-            _ => {}
+        // Each block links to the one before it when the export holds that one too (a
+        // --since run can leave gaps; each block still proves itself against the checkpoint).
+        if header.height == 0 {
+            header.check_follows(None).map_err(|e| anyhow!("{what}: {e}"))?;
+        } else if let Some(p) = report.headers.get(&(header.height - 1)) {
+            header.check_follows(Some(p)).map_err(|e| anyhow!("{what}: {e}"))?;
+        }
+        if let Some(n) = report.headers.get(&(header.height + 1)) {
+            n.check_follows(Some(&header)).map_err(|e| anyhow!("block {}: {e}", n.height))?;
         }
         anyhow::ensure!(header.tree_size <= cp.size, "{what}: goes beyond the checkpoint's {} entries", cp.size);
         let proof = hashes_from_b64(&b.root_proof, &what)?;
         merkle::verify_consistency(header.tree_size, cp.size, &header.root, &cp.root, &proof)
             .map_err(|e| anyhow!("{what}: its root is not a prefix of the signed checkpoint's tree: {e}"))?;
         let bytes = t.get(&b.file).await?;
+        // Rows first: a changed row is named by its index and column.
         report.rows += check_block_file(&bytes, &header, &cp).map_err(|e| anyhow!("{}: {e:#}", b.file))?;
+        anyhow::ensure!(bytes.len() as u64 == b.bytes, "{}: {} bytes, the manifest says {} (the file was changed after export, though every row still verifies)", b.file, bytes.len(), b.bytes);
         anyhow::ensure!(
             sha256_hex(&bytes) == b.sha256,
             "{}: its SHA-256 is not the manifest's (the file was changed after export, though every row still verifies)",
             b.file
         );
         report.blocks += 1;
-        report.last_header = Some(header);
+        report.heights.insert(header.height);
+        report.headers.insert(header.height, header);
     }
     report.manifests += 1;
     for s in signers {
@@ -593,7 +648,12 @@ pub async fn verify_export(spec: &str, keys: &[String]) -> anyhow::Result<()> {
     }
     let stray: Vec<String> = t.list("blocks").await?.into_iter().filter(|f| !named.contains_key(f)).collect();
     if !stray.is_empty() {
-        eprintln!("custody: note: {} block files are named by no manifest (an export that did not finish) and were not checked: {}", stray.len(), stray.join(", "));
+        bail!(
+            "{}: {} block files are named by no manifest ({}): an export that did not finish (run custody export again to complete it), or a manifest that lost them",
+            t.url,
+            stray.len(),
+            stray.join(", ")
+        );
     }
     let last = manifests.last().map(|(_, m)| m.size).unwrap_or(0);
     println!("ok: checkpoints signed by {} (the last at size {last})", report.signers.join(", "));

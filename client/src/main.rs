@@ -359,6 +359,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Verify { flight, keys, offline } => {
             let keys = if keys.is_empty() { cfg.ledger_keys.clone() } else { keys };
             match offline {
+                Some(dir) if !dir.starts_with("s3://") && !std::path::Path::new(dir.strip_prefix("file://").unwrap_or(&dir)).is_dir() => {
+                    anyhow::bail!("{dir} is not a directory (an export from custody export, or a bundle from custody bundle)")
+                }
                 Some(dir) if custody::export::is_export(&dir) => custody::export::verify_export(&dir, &keys).await,
                 Some(dir) => custody::audit::verify_offline(std::path::Path::new(&dir), &keys),
                 None => custody::audit::verify(&flight_url(&cfg, flight)?, &keys).await,
@@ -373,6 +376,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let url = flight_url(&cfg, flight)?;
             let r = custody::query::action(&url, "legal_hold", &serde_json::json!({"session_id": session, "reason": reason.unwrap_or_default(), "release": release})).await?;
             println!("{} session {session} (recorded at index {})", if release { "released the legal hold on" } else { "placed a legal hold on" }, r["index"]);
+            if r["pruned_before_hold"] == true {
+                eprintln!("custody: warning: some of this session's entries were pruned before the hold; their payloads are only in the retention archive");
+            }
             Ok(())
         }
         Cmd::Holds { flight } => {

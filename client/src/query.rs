@@ -54,7 +54,10 @@ pub fn time_arg(s: &str) -> anyhow::Result<String> {
     }
     let d = humantime::parse_duration(s)
         .map_err(|_| anyhow!("invalid time {s:?}: use RFC 3339 (2026-12-03T10:00:00Z) or a duration ago (90s, 15m, 2h, 7d)"))?;
-    let t = chrono::Utc::now() - chrono::Duration::from_std(d)?;
+    let t = chrono::Duration::from_std(d)
+        .ok()
+        .and_then(|d| chrono::Utc::now().checked_sub_signed(d))
+        .ok_or_else(|| anyhow!("invalid time {s:?}: {s} ago is before any time this can name"))?;
     Ok(t.to_rfc3339())
 }
 
@@ -383,4 +386,18 @@ pub fn check_quorum(note: &custody_proto::note::SignedNote, signed: &[String], p
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod time_arg_tests {
+    use super::time_arg;
+
+    #[test]
+    fn a_duration_ago_beyond_any_time_is_an_error_not_a_panic() {
+        assert!(time_arg("15m").is_ok());
+        assert!(time_arg("2026-12-03T10:00:00Z").is_ok());
+        for bad in ["9999999999d", "99999999999999999999d", "yesterday", ""] {
+            assert!(time_arg(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -71,6 +71,10 @@ fn s<'a>(v: &'a Value, k: &str) -> &'a str {
 /// One event as transcript lines (without the time prefix).
 pub fn render(ev: &Value, max_rows: usize) -> Vec<String> {
     let mut out = Vec::new();
+    if ev["pruned"] == true {
+        out.push(format!("{}: payload pruned from the ledger after export (retention); it is in the export", s(ev, "kind").replace('_', " ")));
+        return out;
+    }
     match s(ev, "kind") {
         "session_start" => {
             let who = if s(ev, "email").is_empty() { s(ev, "subject") } else { s(ev, "email") };

@@ -150,6 +150,15 @@ fn export_verify_and_read_with_duckdb(stack: &Stack, expect: &std::path::Path) {
     assert!(!out.status.success() && vtext.contains(&format!("index {index}: column sql is not what the row's entry records")), "tampered row {index}: {vtext}");
     // The original still verifies: nothing but the copy was touched.
     assert!(verify(&dir).status.success());
+    // A manifest that no longer names one of its blocks: that file is named by none.
+    let cut = stack.dir.path().join("lake-cut");
+    assert!(Command::new("cp").arg("-r").arg(&dir).arg(&cut).status().unwrap().success());
+    let mpath = std::fs::read_dir(cut.join("manifests")).unwrap().next().unwrap().unwrap().path();
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
+    m["blocks"].as_array_mut().unwrap().pop();
+    std::fs::write(&mpath, serde_json::to_vec(&m).unwrap()).unwrap();
+    let out = verify(&cut);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("named by no manifest"), "{}", String::from_utf8_lossy(&out.stderr));
 
     // The same export to an S3-compatible bucket (moto's S3 server on loopback), verified
     // offline from the bucket.
@@ -372,7 +381,7 @@ fn retention_prunes_exported_payloads_but_keeps_held_sessions_and_every_proof() 
     let stack = Stack::start_full(|_, _| Ok(String::new()), 5000, |dir| {
         let archive = dir.join("archive");
         std::fs::create_dir_all(&archive).unwrap();
-        Some(format!("[retention]\narchive = \"file://{}\"\nprune_after = \"0s\"\ninterval_s = 1\n", archive.display()))
+        Some(format!("[blocks]\nmax_entries = 4\nmax_delay_ms = 200\n\n[retention]\narchive = \"file://{}\"\nprune_after = \"0s\"\ninterval_s = 1\n", archive.display()))
     })
     .unwrap();
     let token = rt().block_on(stack.token());
@@ -410,9 +419,44 @@ fn retention_prunes_exported_payloads_but_keeps_held_sessions_and_every_proof() 
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(ledger_status(f)["pruned_through"], 0, "an export outside the archive must not prune");
 
-    // The archive: once exported there and verified by the leader, payloads go.
+    // The archive, first only from a middle block on (--since its seal time): a gap from
+    // entry 0, so nothing may be pruned.
     let archive = stack.dir.path().join("archive");
+    let blocks: Vec<serde_json::Value> = custody_ok(&home, &["blocks", "--json", "--flight", f]).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    assert!(blocks.len() >= 3, "{blocks:?}");
+    let middle = &blocks[blocks.len() / 2];
+    let since = chrono::DateTime::from_timestamp_nanos(middle["sealed_at_ns"].as_i64().unwrap()).to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+    let out = custody_ok(&home, &["export", "--since", &since, "--flight", f, "--key", &key, archive.to_str().unwrap()]);
+    assert!(out.contains(&format!("exported blocks {}..=", middle["height"])), "{out}");
+    // A false record: that manifest, claimed to hold everything from entry 0. The leader reads
+    // the archive and does not believe it.
+    let manifest = std::fs::read_dir(archive.join("manifests")).unwrap().next().unwrap().unwrap().path();
+    let sha = { use sha2::Digest; hex::encode(sha2::Sha256::digest(std::fs::read(&manifest).unwrap())) };
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    let forged = serde_json::json!({
+        "target": format!("file://{}", archive.canonicalize().unwrap().display()),
+        "manifest": format!("manifests/{}", manifest.file_name().unwrap().to_str().unwrap()),
+        "manifest_sha256": sha, "size": m["size"], "first_height": 0, "last_height": blocks.last().unwrap()["height"],
+        "first_index": 0, "end_index": m["size"], "rows": m["size"],
+    });
+    rt().block_on(custody::query::action(f, "record_export", &forged)).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(ledger_status(f)["pruned_through"], 0, "a record the archive does not bear out pruned payloads");
+    let log = stack.ledger.proc.as_ref().unwrap().log_text();
+    assert!(log.contains("does not hold what it claims") && log.contains("do not hold entry 0"), "the leader must say why it ignored the record:\n{log}");
+    // The rest of the archive: now every entry from 0 is there, and payloads go.
     custody_ok(&home, &["export", "--flight", f, "--key", &key, archive.to_str().unwrap()]);
+    // Two runs, the second filling the gap before the first: still one chain.
+    custody_ok(&home, &["verify", "--key", &key, "--offline", archive.to_str().unwrap()]);
+    // Without its first run's manifest (and that run's files), the export does not verify.
+    let cut = stack.dir.path().join("archive-cut");
+    assert!(Command::new("cp").arg("-r").arg(&archive).arg(&cut).status().unwrap().success());
+    std::fs::remove_file(cut.join("manifests").join(manifest.file_name().unwrap())).unwrap();
+    for b in m["blocks"].as_array().unwrap() {
+        std::fs::remove_file(cut.join(b["file"].as_str().unwrap())).unwrap();
+    }
+    let out = custody_cmd(&home, None).args(["verify", "--key", &key, "--offline"]).arg(&cut).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("is missing (manifests were removed)"), "{}", String::from_utf8_lossy(&out.stderr));
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while ledger_status(f)["pruned_through"].as_u64().unwrap() < size {
         assert!(std::time::Instant::now() < deadline, "not pruned after 20 s: {}", ledger_status(f));
@@ -420,6 +464,8 @@ fn retention_prunes_exported_payloads_but_keeps_held_sessions_and_every_proof() 
     }
     let rows = events_json(&home, f, &["--session", &pruned]).unwrap();
     assert!(!rows.is_empty() && rows.iter().all(|r| r["pruned"] == true && r["sql"].is_null() && r["subject"].is_null()), "{rows:?}");
+    let out = custody_ok(&home, &["replay", &pruned, "--flight", f]);
+    assert!(out.contains("payload pruned from the ledger after export") && !out.contains("prune-me"), "{out}");
     let rows = events_json(&home, f, &["--session", &kept]).unwrap();
     assert!(rows.iter().all(|r| r["pruned"] == false), "a held session was pruned: {rows:?}");
     assert!(rows.iter().any(|r| r["sql"] == "select 'keep-me'"));
@@ -434,9 +480,10 @@ fn retention_prunes_exported_payloads_but_keeps_held_sessions_and_every_proof() 
     custody_ok(&home, &["proof", "inclusion", &pruned_index.to_string(), "--flight", f]);
     custody_ok(&home, &["events", "--verify", "--key", &key, "--session", &pruned, "--flight", f]);
     custody_ok(&home, &["verify", "--key", &key, "--offline", archive.to_str().unwrap()]);
-    // A pruned block cannot be exported again, and says why.
-    let out = custody_cmd(&home, None).args(["export", "--flight", f, "--key", &key, stack.dir.path().join("again").to_str().unwrap()]).output().unwrap();
-    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("pruned"), "{}", String::from_utf8_lossy(&out.stderr));
+    // An export elsewhere leaves out the pruned blocks (their payloads are only in the
+    // archive), says so, and exports the rest.
+    let out = custody_ok(&home, &["export", "--flight", f, "--key", &key, stack.dir.path().join("again").to_str().unwrap()]);
+    assert!(out.contains("were pruned from the ledger by its retention policy"), "{out}");
 
     // After a restart, the node's own self-check accepts the pruned entries.
     let mut stack = stack;

@@ -345,6 +345,9 @@ impl LedgerConfig {
 
     /// Checks what can be checked without touching the network or the disk.
     pub fn check(&self) -> anyhow::Result<()> {
+        if let Some(r) = &self.retention {
+            r.validate()?;
+        }
         if let Some(r) = &self.readers {
             if r.issuers.is_empty() || r.groups.is_empty() {
                 bail!("[readers] needs at least one issuer and one auditor group (or leave [readers] out to allow every reader)");

@@ -168,8 +168,8 @@ impl LedgerFlight {
         let session_id = req["session_id"].as_str().filter(|s| !s.is_empty() && s.len() <= crate::state::MAX_ID_LEN).ok_or_else(|| Status::invalid_argument("legal_hold needs \"session_id\""))?;
         let released = req["release"].as_bool().unwrap_or(false);
         let reason = req["reason"].as_str().unwrap_or("").to_string();
-        if !released && (reason.trim().is_empty() || reason.len() > 4096) {
-            return Err(Status::invalid_argument("legal_hold needs a \"reason\" (1..=4096 bytes): who asked for it and why"));
+        if !released && (reason.trim().is_empty() || reason.len() > 4096 || reason.chars().any(char::is_control)) {
+            return Err(Status::invalid_argument("legal_hold needs a \"reason\" (1..=4096 bytes, no control characters): who asked for it and why"));
         }
         let store = self.store.get();
         let known = store.get(crate::store::cf::SESSIONS, session_id.as_bytes()).map_err(|e| Status::internal(e.to_string()))?.is_some();
@@ -180,12 +180,25 @@ impl LedgerFlight {
         if released && !held {
             return Err(Status::failed_precondition(format!("session {session_id} is not under a legal hold")));
         }
+        if !released && held {
+            let why = store.get(crate::store::cf::META, &crate::state::hold_key(session_id)).ok().flatten().map(|v| String::from_utf8_lossy(&v).into_owned()).unwrap_or_default();
+            return Err(Status::already_exists(format!("session {session_id} is already under a legal hold ({why}); one hold per session, released with --release")));
+        }
+        // Retention moves forward only: entries pruned before the hold stay pruned (their
+        // payloads are in the archive), and say so.
+        let first = store
+            .get(crate::store::cf::SESSIONS, session_id.as_bytes())
+            .ok()
+            .flatten()
+            .and_then(|v| serde_json::from_slice::<crate::state::SessionSummary>(&v).ok())
+            .map_or(u64::MAX, |s| s.first_index);
+        let pruned_before = !released && first < crate::state::pruned_through(&store).map_err(|e| Status::internal(e.to_string()))?;
         let body = custody_proto::pb::v1::event::Body::LegalHold(custody_proto::pb::v1::LegalHold { session_id: session_id.into(), reason, released });
         let index = self
             .append_own(who, custody_proto::EventKind::LegalHold, "hold", body)
             .await
             .map_err(|e| Status::unavailable(format!("cannot record the legal hold in the ledger: {e}")))?;
-        Ok(serde_json::json!({"index": index, "session_id": session_id, "held": !released}))
+        Ok(serde_json::json!({"index": index, "session_id": session_id, "held": !released, "pruned_before_hold": pruned_before}))
     }
 
     /// The reader of a request (`None` when reads are open), or the refusal.

@@ -445,6 +445,11 @@ impl LedgerMachine {
                         }
                         let Ok(e) = custody_proto::entry::Entry::decode(&bytes) else { continue };
                         let ev = custody_proto::Event::decode(e.event).unwrap_or_default();
+                        // The ledger's own records (exports, holds, prunes, audit queries)
+                        // stay whole: they say who did what to the log.
+                        if crate::state::is_ledger_record(ev.kind) {
+                            continue;
+                        }
                         let is_held = match holds.get(&ev.session_id) {
                             Some(h) => *h,
                             None => {

@@ -23,7 +23,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, Context};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use custody_proto::block::BlockHeader;
@@ -68,7 +68,13 @@ fn default_chunk() -> u64 {
 impl RetentionConfig {
     /// Checks the settings.
     pub fn validate(&self) -> anyhow::Result<Duration> {
-        open_archive(&self.archive).context("[retention] archive")?;
+        match self.archive.strip_prefix("s3://") {
+            Some(rest) => anyhow::ensure!(!rest.trim_matches('/').is_empty(), "[retention] archive {:?}: no bucket (s3://bucket/prefix)", self.archive),
+            None => {
+                let dir = self.archive.strip_prefix("file://").with_context(|| format!("[retention] archive {:?}: expected file:///abs/dir or s3://bucket/prefix", self.archive))?;
+                anyhow::ensure!(dir.starts_with('/'), "[retention] archive {:?}: a file:// archive needs an absolute path (file:///var/lib/...)", self.archive);
+            }
+        }
         anyhow::ensure!(self.interval_s > 0, "[retention] interval_s must be at least 1");
         anyhow::ensure!(self.max_entries > 0, "[retention] max_entries must be at least 1");
         humantime::parse_duration(&self.prune_after).with_context(|| format!("[retention] prune_after {:?} is not a duration (30d, 12h, 0s)", self.prune_after))
@@ -113,9 +119,10 @@ struct Manifest {
     blocks: Vec<ManifestBlock>,
 }
 
-/// Checks that the archive holds what `rec` says was exported, for the blocks that overlap
-/// entries `from..end`, against this ledger's own tree and blocks.
-pub async fn check_archive(url: &str, rec: &ExportRecord, store: &Store, from: u64, end: u64) -> anyhow::Result<()> {
+/// Checks that the archive holds what `rec` says was exported, against this ledger's own tree
+/// and blocks, and returns how far from `from` (at most `end`) the manifest's blocks hold
+/// every entry without a gap. A record is only a claim: this is what makes it true.
+pub async fn check_archive(url: &str, rec: &ExportRecord, store: &Store, from: u64, end: u64) -> anyhow::Result<u64> {
     let (os, prefix) = open_archive(url)?;
     let bytes = read(os.as_ref(), &prefix, &rec.manifest).await?;
     anyhow::ensure!(hex::encode(Sha256::digest(&bytes)) == rec.manifest_sha256, "{}: its SHA-256 is not the one recorded at export", rec.manifest);
@@ -124,29 +131,52 @@ pub async fn check_archive(url: &str, rec: &ExportRecord, store: &Store, from: u
     anyhow::ensure!(cp.size == m.size && cp.size == rec.checkpoint_size, "{}: checkpoint size {} is not the recorded {}", rec.manifest, cp.size, rec.checkpoint_size);
     let own = custody_proto::merkle::root(&crate::state::StoredTree(store), cp.size).map_err(|e| anyhow!("this ledger's tree at size {}: {e}", cp.size))?;
     anyhow::ensure!(own == cp.root, "{}: its checkpoint's root is not this ledger's tree at size {}", rec.manifest, cp.size);
+    let mut headers = Vec::new();
     for b in &m.blocks {
         let header = BlockHeader::decode(&B64.decode(&b.header).context("block header is not base64")?).with_context(|| format!("block {}", b.height))?;
-        if header.tree_size <= from || header.first_index >= end {
+        anyhow::ensure!(header.height == b.height && b.file == format!("blocks/{:012}.parquet", b.height), "block {}: the manifest's height or file name is not its header's", b.height);
+        headers.push((header, b));
+    }
+    headers.sort_by_key(|(h, _)| h.first_index);
+    // Only whole blocks, one after the other from `from`, count.
+    let mut covered = from;
+    for (header, b) in &headers {
+        if header.tree_size <= covered || covered >= end {
             continue;
+        }
+        if header.first_index > covered {
+            break;
         }
         let mine = store.get(crate::store::cf::BLOCKS, &b.height.to_be_bytes())?.with_context(|| format!("block {}: this ledger has no such block", b.height))?;
         anyhow::ensure!(mine == header.encode(), "block {}: the manifest's header is not this ledger's", b.height);
         let file = read(os.as_ref(), &prefix, &b.file).await?;
         anyhow::ensure!(hex::encode(Sha256::digest(&file)) == b.sha256, "{}: its SHA-256 is not the manifest's", b.file);
+        covered = header.tree_size;
     }
-    Ok(())
+    anyhow::ensure!(covered > from, "{}: its blocks do not hold entry {from} (the record claims entries {}..{})", rec.manifest, rec.first_index, rec.end_index);
+    Ok(covered.min(end))
 }
 
-/// The next range to prune, `(from, end, record)`, if any: below the archive's exported
-/// prefix, within blocks sealed before `cutoff_ns`, at most `max` entries.
-pub fn next_range(store: &Store, archive: &str, cutoff_ns: i64, max: u64) -> anyhow::Result<Option<(u64, u64, ExportRecord)>> {
+/// What the leader may prune next: entries `from..end`, and the export records that claim to
+/// hold entry `from` (each is checked against the archive before it counts).
+pub struct Candidate {
+    /// First entry not pruned yet.
+    pub from: u64,
+    /// End of the whole blocks sealed before the cutoff, within the recorded exports.
+    pub end: u64,
+    /// Records whose range holds `from`.
+    pub records: Vec<ExportRecord>,
+}
+
+/// The next range to prune, if any: below the archive's recorded exported prefix, within
+/// whole blocks sealed before `cutoff_ns`, at most `max` entries.
+pub fn next_range(store: &Store, archive: &str, cutoff_ns: i64, max: u64) -> anyhow::Result<Option<Candidate>> {
     let done = crate::state::pruned_through(store)?;
     let records = crate::state::export_records(store, archive)?;
     let exported = crate::state::exported_end(&records);
     if exported <= done {
         return Ok(None);
     }
-    // Whole blocks only, sealed before the cutoff and ending within the export.
     let mut aged = done;
     for r in store.blocks_from(0)? {
         let (_, bytes) = r?;
@@ -162,10 +192,21 @@ pub fn next_range(store: &Store, archive: &str, cutoff_ns: i64, max: u64) -> any
     if aged <= done {
         return Ok(None);
     }
-    let Some(rec) = records.iter().find(|r| r.first_index <= done && done < r.end_index).cloned() else {
-        bail!("no export record covers entry {done}");
-    };
-    Ok(Some((done, aged.min(rec.end_index).min(done + max), rec)))
+    let records: Vec<ExportRecord> = records.into_iter().filter(|r| r.first_index <= done && done < r.end_index).collect();
+    Ok(Some(Candidate { from: done, end: aged.min(done + max), records }))
+}
+
+/// Normalises an archive or export target name: no trailing `/`, and a `file://` directory by
+/// its canonical path when it exists (as `custody export` records it).
+pub fn normalize_target(url: &str) -> String {
+    let t = url.trim_end_matches('/');
+    match t.strip_prefix("file://") {
+        Some(p) => match std::fs::canonicalize(p) {
+            Ok(c) => format!("file://{}", c.display()),
+            Err(_) => t.to_string(),
+        },
+        None => t.to_string(),
+    }
 }
 
 /// The leader's retention loop.
@@ -175,6 +216,8 @@ pub async fn run(cfg: RetentionConfig, prune_after: Duration, node: NodeHandle, 
     let mut tick = tokio::time::interval(Duration::from_secs(cfg.interval_s));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_warning = String::new();
+    let mut told_none = false;
+    let archive = normalize_target(&cfg.archive);
     loop {
         tick.tick().await;
         let st = node.status();
@@ -183,23 +226,40 @@ pub async fn run(cfg: RetentionConfig, prune_after: Duration, node: NodeHandle, 
         }
         let s = store.get();
         let cutoff = crate::node::now_ns().saturating_sub(prune_after.as_nanos().min(i64::MAX as u128) as i64);
-        let next = match next_range(&s, &cfg.archive, cutoff, cfg.max_entries) {
+        let next = match next_range(&s, &archive, cutoff, cfg.max_entries) {
             Ok(Some(n)) => n,
-            Ok(None) => continue,
+            Ok(None) => {
+                let recorded = crate::state::export_records(&s, &archive).map(|r| r.len()).unwrap_or(0);
+                if recorded == 0 && !told_none {
+                    info!(%archive, "retention: no export to the archive is recorded yet; nothing is pruned until `custody export` to exactly this target finishes");
+                    told_none = true;
+                }
+                continue;
+            }
             Err(e) => {
                 warn!(error = %e, "retention: nothing pruned");
                 continue;
             }
         };
-        let (from, end, rec) = next;
-        if let Err(e) = check_archive(&cfg.archive, &rec, &s, from, end).await {
-            let msg = format!("{e:#}");
-            if msg != last_warning {
-                warn!(archive = %cfg.archive, manifest = %rec.manifest, error = %msg, "retention: the archive does not hold what was recorded as exported; nothing pruned");
-                last_warning = msg;
+        told_none = false;
+        let mut chosen = None;
+        for rec in &next.records {
+            match check_archive(&archive, rec, &s, next.from, next.end).await {
+                Ok(covered) => {
+                    chosen = Some((covered, rec.clone()));
+                    break;
+                }
+                Err(e) => {
+                    let msg = format!("{}: {e:#}", rec.manifest);
+                    if msg != last_warning {
+                        warn!(%archive, manifest = %rec.manifest, error = %format!("{e:#}"), "retention: a recorded export does not hold what it claims; it does not count");
+                        last_warning = msg;
+                    }
+                }
             }
-            continue;
         }
+        let Some((end, rec)) = chosen else { continue };
+        let from = next.from;
         last_warning.clear();
         let ev = custody_proto::Event {
             proxy_id: format!("ledger-{}", st.id),
@@ -208,7 +268,7 @@ pub async fn run(cfg: RetentionConfig, prune_after: Duration, node: NodeHandle, 
             proxy_time_ns: crate::node::now_ns(),
             kind: EventKind::Prune as i32,
             protocol: Protocol::Unspecified as i32,
-            body: Some(event::Body::Prune(Prune { from_index: from, end_index: end, archive: cfg.archive.clone(), manifest: rec.manifest.clone(), policy: policy.clone() })),
+            body: Some(event::Body::Prune(Prune { from_index: from, end_index: end, archive: archive.clone(), manifest: rec.manifest.clone(), policy: policy.clone() })),
             ..Default::default()
         };
         match node.prune(from, end, ev.encode_to_vec().into(), Duration::from_secs(5)).await {

@@ -623,7 +623,7 @@ impl LedgerState {
                 match &ev.body {
                     Some(event::Body::LegalHold(h)) if h.released => writes.push(Put::delete(cf::META, hold_key(&h.session_id))),
                     Some(event::Body::LegalHold(h)) => writes.push(Put::new(cf::META, hold_key(&h.session_id), h.reason.clone().into_bytes())),
-                    Some(event::Body::ExportRecord(x)) => writes.push(Put::new(cf::META, export_key(&x.target, x.first_index), x.encode_to_vec())),
+                    Some(event::Body::ExportRecord(x)) => writes.push(Put::new(cf::META, export_key(&x.target, x.first_index, &x.manifest_sha256), x.encode_to_vec())),
                     _ => {}
                 }
                 None
@@ -764,9 +764,10 @@ pub fn hold_key(session_id: &str) -> Vec<u8> {
     [HOLD_PREFIX, session_id.as_bytes()].concat()
 }
 
-/// `cf::META` key of an export record (value: the `ExportRecord`).
-pub fn export_key(target: &str, first_index: u64) -> Vec<u8> {
-    [EXPORT_PREFIX, target.as_bytes(), b"\0", &first_index.to_be_bytes()].concat()
+/// `cf::META` key of an export record (value: the `ExportRecord`). One per manifest: a second
+/// record for the same entries (another run, or a false one) does not replace the first.
+pub fn export_key(target: &str, first_index: u64, manifest_sha256: &str) -> Vec<u8> {
+    [EXPORT_PREFIX, target.as_bytes(), b"\0", &first_index.to_be_bytes(), manifest_sha256.as_bytes()].concat()
 }
 
 /// Sessions under a legal hold, with the reason.
