@@ -437,6 +437,9 @@ fn an_export_to_a_full_or_unwritable_target_fails_and_marks_nothing_exported() {
     let (ok, text) = export(&file.join("lake"));
     assert!(!ok && text.contains("cannot create the export directory"), "{text}");
 
+    // Nothing was recorded as exported by the failed runs.
+    let out = custody_cmd(&home, None).args(["events", "--kind", "export", "--format", "json", "--flight", &flight]).output().unwrap();
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).trim().is_empty(), "a failed export was recorded: {}", String::from_utf8_lossy(&out.stdout));
     // The ledger lost nothing: the same export to a good directory holds every sealed entry.
     let good = stack.dir.path().join("good");
     let (ok, text) = export(&good);
