@@ -476,6 +476,9 @@ fn retention_prunes_exported_payloads_but_keeps_held_sessions_and_every_proof() 
     // and the archive verifies offline as before.
     let out = custody_ok(&home, &["verify", "--key", &key, "--flight", f]);
     assert!(out.contains("entries verified"), "{out}");
+    // So does the independent Python verifier, from the documented pruned-entry layout.
+    let report = stack.python("verify_proofs.py", &[f]).unwrap();
+    assert!(report.contains("proofs_checked"), "{report}");
     let pruned_index = events_json(&home, f, &["--session", &pruned]).unwrap()[0]["index"].as_u64().unwrap();
     custody_ok(&home, &["proof", "inclusion", &pruned_index.to_string(), "--flight", f]);
     custody_ok(&home, &["events", "--verify", "--key", &key, "--session", &pruned, "--flight", f]);
