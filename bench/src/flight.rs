@@ -251,7 +251,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let out = child.wait_with_output()?;
     anyhow::ensure!(out.status.success(), "loading PostgreSQL: {}", String::from_utf8_lossy(&out.stderr));
     drop(csv);
-    pg.direct_sql("CREATE INDEX audit_log_session ON audit_log (session_id); VACUUM ANALYZE audit_log")?;
+    pg.direct_sql("CREATE INDEX audit_log_session ON audit_log (session_id)")?;
+    pg.direct_sql("VACUUM ANALYZE audit_log")?;
     let pg_size = pg.direct_sql("SELECT pg_size_pretty(pg_total_relation_size('audit_log'))")?;
 
     // Full pulls, alternating so that both see the same machine.
