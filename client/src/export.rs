@@ -277,7 +277,8 @@ fn hashes_from_b64(v: &[String], what: &str) -> anyhow::Result<Vec<Hash>> {
 async fn load_manifests(t: &Target) -> anyhow::Result<Vec<(String, Manifest)>> {
     let mut out = Vec::new();
     for name in t.list("manifests").await? {
-        if !name.ends_with(".json") {
+        // Only manifests/<name>.json: an export written into a subdirectory is another export.
+        if !name.ends_with(".json") || name.matches('/').count() != 1 {
             continue;
         }
         let bytes = t.get(&name).await?;
@@ -646,7 +647,17 @@ pub async fn verify_export(spec: &str, keys: &[String]) -> anyhow::Result<()> {
         }
         prev = Some(m);
     }
-    let stray: Vec<String> = t.list("blocks").await?.into_iter().filter(|f| !named.contains_key(f)).collect();
+    let stray: Vec<String> = t.list("blocks").await?.into_iter().filter(|f| f.matches('/').count() == 1 && !named.contains_key(f)).collect();
+    // The blocks of all runs together are one run of heights: a gap inside it is a block
+    // removed with its manifest entry. (The oldest or newest runs removed whole cannot be
+    // told from an export that never had them: compare with the ledger's `export` events.)
+    let mut expected = report.heights.iter().next().copied();
+    for h in &report.heights {
+        if let Some(e) = expected {
+            anyhow::ensure!(*h == e, "{}: block {e} is missing (the export holds blocks before and after it); a block and its manifest entry were removed", t.url);
+        }
+        expected = Some(h + 1);
+    }
     if !stray.is_empty() {
         bail!(
             "{}: {} block files are named by no manifest ({}): an export that did not finish (run custody export again to complete it), or a manifest that lost them",

@@ -443,7 +443,43 @@ fn retention_prunes_exported_payloads_but_keeps_held_sessions_and_every_proof() 
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(ledger_status(f)["pruned_through"], 0, "a record the archive does not bear out pruned payloads");
     let log = stack.ledger.proc.as_ref().unwrap().log_text();
-    assert!(log.contains("does not hold what it claims") && log.contains("do not hold entry 0"), "the leader must say why it ignored the record:\n{log}");
+    assert!(log.contains("does not hold what it claims") && log.contains("the record claims entries 0.."), "the leader must say why it ignored the record:\n{log}");
+    // Someone who can write to the archive puts a manifest there (real headers and checkpoint,
+    // copied from the export elsewhere) over files that are not those entries, with matching
+    // hashes. The leader reads the rows themselves and does not believe it either.
+    let laptop = stack.dir.path().join("laptop");
+    let lm_path = std::fs::read_dir(laptop.join("manifests")).unwrap().next().unwrap().unwrap().path();
+    let mut evil: serde_json::Value = serde_json::from_slice(&std::fs::read(&lm_path).unwrap()).unwrap();
+    let mut planted = Vec::new();
+    for b in evil["blocks"].as_array_mut().unwrap() {
+        let file = archive.join(b["file"].as_str().unwrap());
+        if file.exists() {
+            continue;
+        }
+        let junk = format!("not the entries of block {}", b["height"]).into_bytes();
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(&file, &junk).unwrap();
+        b["sha256"] = hex::encode({ use sha2::Digest; sha2::Sha256::digest(&junk) }).into();
+        b["bytes"] = junk.len().into();
+        planted.push(file);
+    }
+    let evil_bytes = serde_json::to_vec(&evil).unwrap();
+    let evil_path = archive.join("manifests/zz-evil.json");
+    std::fs::write(&evil_path, &evil_bytes).unwrap();
+    let mut forged2 = forged.clone();
+    forged2["manifest"] = "manifests/zz-evil.json".into();
+    forged2["manifest_sha256"] = hex::encode({ use sha2::Digest; sha2::Sha256::digest(&evil_bytes) }).into();
+    forged2["size"] = evil["size"].clone();
+    forged2["end_index"] = evil["size"].clone();
+    rt().block_on(custody::query::action(f, "record_export", &forged2)).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(ledger_status(f)["pruned_through"], 0, "files that are not the ledger's entries pruned payloads");
+    let log = stack.ledger.proc.as_ref().unwrap().log_text();
+    assert!(log.contains("zz-evil.json") && log.contains("not a Parquet file"), "the leader must say why it ignored the planted manifest:\n{log}");
+    std::fs::remove_file(&evil_path).unwrap();
+    for p in planted {
+        std::fs::remove_file(p).unwrap();
+    }
     // The rest of the archive: now every entry from 0 is there, and payloads go.
     custody_ok(&home, &["export", "--flight", f, "--key", &key, archive.to_str().unwrap()]);
     // Two runs, the second filling the gap before the first: still one chain.

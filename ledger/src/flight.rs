@@ -168,8 +168,11 @@ impl LedgerFlight {
         let session_id = req["session_id"].as_str().filter(|s| !s.is_empty() && s.len() <= crate::state::MAX_ID_LEN).ok_or_else(|| Status::invalid_argument("legal_hold needs \"session_id\""))?;
         let released = req["release"].as_bool().unwrap_or(false);
         let reason = req["reason"].as_str().unwrap_or("").to_string();
-        if !released && (reason.trim().is_empty() || reason.len() > 4096 || reason.chars().any(char::is_control)) {
-            return Err(Status::invalid_argument("legal_hold needs a \"reason\" (1..=4096 bytes, no control characters): who asked for it and why"));
+        // No control, bidirectional-override or line-separator characters: a reason is shown to
+        // people as written.
+        let shady = |c: char| c.is_control() || matches!(c, '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}');
+        if !released && (reason.trim().is_empty() || reason.len() > 4096 || reason.chars().any(shady)) {
+            return Err(Status::invalid_argument("legal_hold needs a \"reason\" (1..=4096 bytes, no control, bidi or line-separator characters): who asked for it and why"));
         }
         let store = self.store.get();
         let known = store.get(crate::store::cf::SESSIONS, session_id.as_bytes()).map_err(|e| Status::internal(e.to_string()))?.is_some();
@@ -186,13 +189,21 @@ impl LedgerFlight {
         }
         // Retention moves forward only: entries pruned before the hold stay pruned (their
         // payloads are in the archive), and say so.
-        let first = store
-            .get(crate::store::cf::SESSIONS, session_id.as_bytes())
-            .ok()
-            .flatten()
-            .and_then(|v| serde_json::from_slice::<crate::state::SessionSummary>(&v).ok())
-            .map_or(u64::MAX, |s| s.first_index);
-        let pruned_before = !released && first < crate::state::pruned_through(&store).map_err(|e| Status::internal(e.to_string()))?;
+        let pruned_before = !released && {
+            let prefix = crate::state::by_session_key(session_id, 0);
+            let prefix = &prefix[..prefix.len() - 8];
+            let keys = store.keys_with_prefix(crate::store::cf::BY_SESSION, prefix).map_err(|e| Status::internal(e.to_string()))?;
+            let mut any = false;
+            for k in keys {
+                let k = k.map_err(|e| Status::internal(e.to_string()))?;
+                let Ok(i) = crate::store::u64_key(&k[k.len().saturating_sub(8)..]) else { continue };
+                if store.entry(i).ok().flatten().is_some_and(|b| custody_proto::entry::is_pruned(&b)) {
+                    any = true;
+                    break;
+                }
+            }
+            any
+        };
         let body = custody_proto::pb::v1::event::Body::LegalHold(custody_proto::pb::v1::LegalHold { session_id: session_id.into(), reason, released });
         let index = self
             .append_own(who, custody_proto::EventKind::LegalHold, "hold", body)

@@ -69,7 +69,7 @@ impl RetentionConfig {
     /// Checks the settings.
     pub fn validate(&self) -> anyhow::Result<Duration> {
         match self.archive.strip_prefix("s3://") {
-            Some(rest) => anyhow::ensure!(!rest.trim_matches('/').is_empty(), "[retention] archive {:?}: no bucket (s3://bucket/prefix)", self.archive),
+            Some(rest) => anyhow::ensure!(!rest.split('/').next().unwrap_or("").is_empty(), "[retention] archive {:?}: no bucket (s3://bucket/prefix)", self.archive),
             None => {
                 let dir = self.archive.strip_prefix("file://").with_context(|| format!("[retention] archive {:?}: expected file:///abs/dir or s3://bucket/prefix", self.archive))?;
                 anyhow::ensure!(dir.starts_with('/'), "[retention] archive {:?}: a file:// archive needs an absolute path (file:///var/lib/...)", self.archive);
@@ -138,6 +138,15 @@ pub async fn check_archive(url: &str, rec: &ExportRecord, store: &Store, from: u
         headers.push((header, b));
     }
     headers.sort_by_key(|(h, _)| h.first_index);
+    // An honest record names the range its own manifest's blocks span.
+    let (lo, hi) = (headers.first().map_or(0, |(h, _)| h.first_index), headers.last().map_or(0, |(h, _)| h.tree_size));
+    anyhow::ensure!(
+        rec.first_index == lo && rec.end_index == hi,
+        "{}: the record claims entries {}..{}, the manifest's blocks span {lo}..{hi}",
+        rec.manifest,
+        rec.first_index,
+        rec.end_index
+    );
     // Only whole blocks, one after the other from `from`, count.
     let mut covered = from;
     for (header, b) in &headers {
@@ -151,10 +160,46 @@ pub async fn check_archive(url: &str, rec: &ExportRecord, store: &Store, from: u
         anyhow::ensure!(mine == header.encode(), "block {}: the manifest's header is not this ledger's", b.height);
         let file = read(os.as_ref(), &prefix, &b.file).await?;
         anyhow::ensure!(hex::encode(Sha256::digest(&file)) == b.sha256, "{}: its SHA-256 is not the manifest's", b.file);
+        // The file's rows are this ledger's own entries, byte for byte, every one of the
+        // block: a manifest is only a claim, and so is a file's hash in it.
+        rows_are_own_entries(&file, header, store).with_context(|| b.file.clone())?;
         covered = header.tree_size;
     }
-    anyhow::ensure!(covered > from, "{}: its blocks do not hold entry {from} (the record claims entries {}..{})", rec.manifest, rec.first_index, rec.end_index);
     Ok(covered.min(end))
+}
+
+/// Checks that a block file holds exactly the block's entries as this ledger stores them.
+fn rows_are_own_entries(file: &[u8], header: &BlockHeader, store: &Store) -> anyhow::Result<()> {
+    use arrow::array::{Array, AsArray};
+    use arrow::datatypes::UInt64Type;
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::copy_from_slice(file))
+        .context("not a Parquet file")?
+        .build()
+        .context("not a Parquet file")?;
+    let mut next = header.first_index;
+    for batch in reader {
+        let batch = batch.context("reading its rows")?;
+        let (Some(idx), Some(raw)) = (
+            batch.column_by_name("index").and_then(|c| c.as_primitive_opt::<UInt64Type>()),
+            batch.column_by_name("entry").and_then(|c| c.as_binary_opt::<i32>()),
+        ) else {
+            anyhow::bail!("no index and entry columns");
+        };
+        for row in 0..batch.num_rows() {
+            anyhow::ensure!(idx.value(row) == next && next < header.tree_size, "row {row}: index {} where {next} was expected", idx.value(row));
+            anyhow::ensure!(!raw.is_null(row), "index {next}: no entry bytes");
+            let mine = store.entry(next)?.with_context(|| format!("index {next}: this ledger has no such entry"))?;
+            let same = if custody_proto::entry::is_pruned(&mine) {
+                custody_proto::entry::stored_leaf(&mine) == custody_proto::merkle::leaf_hash(raw.value(row))
+            } else {
+                mine == raw.value(row)
+            };
+            anyhow::ensure!(same, "index {next}: the archived entry is not this ledger's");
+            next += 1;
+        }
+    }
+    anyhow::ensure!(next == header.tree_size, "holds entries up to {next}, the block up to {}", header.tree_size);
+    Ok(())
 }
 
 /// What the leader may prune next: entries `from..end`, and the export records that claim to
@@ -173,7 +218,7 @@ pub struct Candidate {
 pub fn next_range(store: &Store, archive: &str, cutoff_ns: i64, max: u64) -> anyhow::Result<Option<Candidate>> {
     let done = crate::state::pruned_through(store)?;
     let records = crate::state::export_records(store, archive)?;
-    let exported = crate::state::exported_end(&records);
+    let exported = crate::state::exported_end(&records, done);
     if exported <= done {
         return Ok(None);
     }
@@ -241,10 +286,11 @@ pub async fn run(cfg: RetentionConfig, prune_after: Duration, node: NodeHandle, 
                 continue;
             }
         };
-        told_none = false;
         let mut chosen = None;
         for rec in &next.records {
             match check_archive(&archive, rec, &s, next.from, next.end).await {
+                // An honest run's range can span blocks an earlier run holds.
+                Ok(covered) if covered <= next.from => continue,
                 Ok(covered) => {
                     chosen = Some((covered, rec.clone()));
                     break;
@@ -258,9 +304,16 @@ pub async fn run(cfg: RetentionConfig, prune_after: Duration, node: NodeHandle, 
                 }
             }
         }
-        let Some((end, rec)) = chosen else { continue };
+        let Some((end, rec)) = chosen else {
+            if !told_none {
+                info!(%archive, from = next.from, "retention: no verified export in the archive holds the next entry to prune yet");
+                told_none = true;
+            }
+            continue;
+        };
         let from = next.from;
         last_warning.clear();
+        told_none = false;
         let ev = custody_proto::Event {
             proxy_id: format!("ledger-{}", st.id),
             session_id: format!("prune-{}", uuid::Uuid::now_v7()),

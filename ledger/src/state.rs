@@ -794,9 +794,10 @@ pub fn export_records(store: &Store, target: &str) -> Result<Vec<custody_proto::
         .collect()
 }
 
-/// The end of the contiguous prefix of the log that exports to `target` cover (from index 0).
-pub fn exported_end(records: &[custody_proto::pb::v1::ExportRecord]) -> u64 {
-    let mut end = 0;
+/// The end of the contiguous stretch from `start` (entry 0, or where pruning reached) that
+/// exports to a target claim to cover.
+pub fn exported_end(records: &[custody_proto::pb::v1::ExportRecord], start: u64) -> u64 {
+    let mut end = start;
     let mut rs: Vec<_> = records.iter().collect();
     rs.sort_by_key(|r| r.first_index);
     for r in rs {
@@ -822,12 +823,15 @@ mod tests {
     #[test]
     fn only_the_contiguous_exported_prefix_counts_for_retention() {
         let rec = |first_index: u64, end_index: u64| custody_proto::pb::v1::ExportRecord { first_index, end_index, ..Default::default() };
-        assert_eq!(exported_end(&[]), 0);
+        assert_eq!(exported_end(&[], 0), 0);
         // An export that starts later (--since) leaves a gap: nothing before it counts.
-        assert_eq!(exported_end(&[rec(100, 200)]), 0);
-        assert_eq!(exported_end(&[rec(100, 200), rec(0, 100)]), 200);
-        assert_eq!(exported_end(&[rec(0, 50), rec(60, 90)]), 50);
-        assert_eq!(exported_end(&[rec(0, 80), rec(50, 120), rec(300, 400)]), 120);
+        assert_eq!(exported_end(&[rec(100, 200)], 0), 0);
+        assert_eq!(exported_end(&[rec(100, 200), rec(0, 100)], 0), 200);
+        assert_eq!(exported_end(&[rec(0, 50), rec(60, 90)], 0), 50);
+        assert_eq!(exported_end(&[rec(0, 80), rec(50, 120), rec(300, 400)], 0), 120);
+        // After a prune, a new archive's first export starts where pruning reached.
+        assert_eq!(exported_end(&[rec(443, 748)], 443), 748);
+        assert_eq!(exported_end(&[rec(443, 748)], 400), 400);
     }
     use custody_proto::entry::ChainVerifier;
     use custody_proto::pb::v1::{Identity, PgRequest};
