@@ -542,4 +542,17 @@ fn retention_prunes_exported_payloads_but_keeps_held_sessions_and_every_proof() 
     }
     custody_ok(&home, &["hold", &kept, "--release", "--flight", &ledger.flight()]);
     assert!(custody_ok(&home, &["holds", "--flight", &ledger.flight()]).contains("no legal holds"));
+    // Eight holds at once on one session: the log decides, exactly one is placed.
+    let fl = ledger.flight();
+    let placed: usize = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..8)
+            .map(|i| {
+                let (fl, kept) = (fl.clone(), kept.clone());
+                sc.spawn(move || rt().block_on(custody::query::action(&fl, "legal_hold", &serde_json::json!({"session_id": kept, "reason": format!("request {i}")}))).is_ok())
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap() as usize).sum()
+    });
+    assert_eq!(placed, 1, "concurrent holds on one session");
+    assert_eq!(custody_ok(&home, &["holds", "--flight", &fl]).lines().count(), 1);
 }

@@ -69,6 +69,8 @@ pub trait Lookup {
     fn entry_at(&self, index: u64) -> Result<Option<Vec<u8>>, StoreError>;
     /// The stored Merkle node at `level` and `index`.
     fn tree_node(&self, level: u8, index: u64) -> Result<Option<Hash>, StoreError>;
+    /// Whether a session is under a legal hold.
+    fn held(&self, session_id: &str) -> Result<bool, StoreError>;
 }
 
 /// The key of a Merkle node in `cf::MERKLE`.
@@ -113,6 +115,9 @@ impl Lookup for Store {
     fn tree_node(&self, level: u8, index: u64) -> Result<Option<Hash>, StoreError> {
         self.get(cf::MERKLE, &tree_node_key(level, index))?.map(|v| decode_node(level, index, &v)).transpose()
     }
+    fn held(&self, session_id: &str) -> Result<bool, StoreError> {
+        Ok(self.get(cf::META, &hold_key(session_id))?.is_some())
+    }
 }
 
 impl Lookup for crate::store::StoreView<'_> {
@@ -128,6 +133,9 @@ impl Lookup for crate::store::StoreView<'_> {
     fn tree_node(&self, level: u8, index: u64) -> Result<Option<Hash>, StoreError> {
         self.get(cf::MERKLE, &tree_node_key(level, index))?.map(|v| decode_node(level, index, &v)).transpose()
     }
+    fn held(&self, session_id: &str) -> Result<bool, StoreError> {
+        Ok(self.get(cf::META, &hold_key(session_id))?.is_some())
+    }
 }
 
 /// A [`Lookup`] that sees, over a base, the writes of batches applied earlier in the same
@@ -139,6 +147,7 @@ pub struct Overlay<'a, L: Lookup> {
     sessions: HashMap<Vec<u8>, Vec<u8>>,
     entries: HashMap<u64, Vec<u8>>,
     nodes: HashMap<Vec<u8>, Hash>,
+    holds: HashMap<Vec<u8>, bool>,
 }
 
 impl<'a, L: Lookup> Overlay<'a, L> {
@@ -150,6 +159,7 @@ impl<'a, L: Lookup> Overlay<'a, L> {
             sessions: HashMap::new(),
             entries: HashMap::new(),
             nodes: HashMap::new(),
+            holds: HashMap::new(),
         }
     }
 
@@ -174,6 +184,9 @@ impl<'a, L: Lookup> Overlay<'a, L> {
                     if let Ok(h) = <Hash>::try_from(&p.value[..]) {
                         self.nodes.insert(p.key.clone(), h);
                     }
+                }
+                cf::META if p.key.starts_with(HOLD_PREFIX) => {
+                    self.holds.insert(p.key.clone(), !p.delete);
                 }
                 _ => {}
             }
@@ -204,6 +217,12 @@ impl<L: Lookup> Lookup for Overlay<'_, L> {
         match self.nodes.get(&tree_node_key(level, index)) {
             Some(h) => Ok(Some(*h)),
             None => self.base.tree_node(level, index),
+        }
+    }
+    fn held(&self, session_id: &str) -> Result<bool, StoreError> {
+        match self.holds.get(&hold_key(session_id)) {
+            Some(h) => Ok(*h),
+            None => self.base.held(session_id),
         }
     }
 }
@@ -564,6 +583,7 @@ impl LedgerState {
         let mut seen: HashMap<Vec<u8>, u64> = HashMap::new();
         let mut sessions: HashMap<String, SessionSummary> = HashMap::new();
         let mut tree: HashMap<(u8, u64), Hash> = HashMap::new();
+        let mut batch_holds: HashMap<String, bool> = HashMap::new();
 
         for (position, bytes) in batch.events.iter().enumerate() {
             let ev = validate_event(bytes, max_event_bytes)
@@ -619,6 +639,19 @@ impl LedgerState {
             }
             // The ledger's own records (audit queries, exports, legal holds, prunes) belong to
             // no session: they are stored and indexed, and holds and exports noted.
+            // One hold per session, decided here in log order (two concurrent requests both
+            // passed the node's check before either was applied).
+            if let Some(event::Body::LegalHold(h)) = &ev.body {
+                let held = match batch_holds.get(&h.session_id) {
+                    Some(v) => *v,
+                    None => lookup.held(&h.session_id)?,
+                };
+                if held != h.released {
+                    let reason = if h.released { format!("session {} is not under a legal hold", h.session_id) } else { format!("session {} is already under a legal hold", h.session_id) };
+                    return Err(ApplyError::Refused { position, reason });
+                }
+                batch_holds.insert(h.session_id.clone(), !h.released);
+            }
             let summary = if is_ledger_record(ev.kind) {
                 match &ev.body {
                     Some(event::Body::LegalHold(h)) if h.released => writes.push(Put::delete(cf::META, hold_key(&h.session_id))),
@@ -856,6 +889,9 @@ mod tests {
         }
         fn tree_node(&self, level: u8, index: u64) -> Result<Option<Hash>, StoreError> {
             Ok(self.nodes.get(&tree_node_key(level, index)).copied())
+        }
+        fn held(&self, _session_id: &str) -> Result<bool, StoreError> {
+            Ok(false)
         }
     }
 
