@@ -20,23 +20,12 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-
-def fail(msg):
-    print("FAIL:", msg)
-    sys.exit(1)
-
-
-def norm(sql):
-    return sql.strip().rstrip(";").strip()
+from flight_sql import expected, fail, norm
 
 
 def check(root, expect_path):
-    expect = json.load(open(expect_path))
+    expect, want = expected(expect_path)
     since, resource, subject = expect["since_index"], expect["resource"], expect["subject"]
-    want = Counter()
-    for c in expect["statements"]:
-        for s in c["steps"]:
-            want[(norm(s["sql"]), tuple(s["params"]))] += 1
     files = sorted(glob.glob(os.path.join(root, "blocks", "*.parquet")))
     if not files:
         fail("no Parquet files under blocks/")

@@ -46,14 +46,20 @@ def statement_query(sql):
     return field(1, b"type.googleapis.com/arrow.flight.protocol.sql.CommandStatementQuery") + field(2, cmd)
 
 
-def main():
-    url, expect_path = sys.argv[1], sys.argv[2]
+def expected(expect_path):
+    """EXPECT_JSON and the statements it holds, as a Counter of (SQL, params)."""
     expect = json.load(open(expect_path))
-    since, resource, subject = expect["since_index"], expect["resource"], expect["subject"]
     want = Counter()
     for c in expect["statements"]:
         for s in c["steps"]:
             want[(norm(s["sql"]), tuple(s["params"]))] += 1
+    return expect, want
+
+
+def main():
+    url, expect_path = sys.argv[1], sys.argv[2]
+    expect, want = expected(expect_path)
+    since, resource, subject = expect["since_index"], expect["resource"], expect["subject"]
     n_statements = sum(want.values())
 
     conn = flightsql.connect(url, autocommit=True)

@@ -98,12 +98,14 @@ impl LedgerFlight {
         self.append_own(Some(reader), custody_proto::EventKind::AuditQuery, "audit", body)
             .await
             .map(|_| ())
-            .map_err(|e| Status::unavailable(format!("cannot record this query in the ledger ({e}); it is not served")))
+            .map_err(|e| Status::new(e.code(), format!("cannot record this query in the ledger ({}); it is not served", e.message())))
     }
 
     /// Appends an event the ledger writes about itself (outside any session) and returns
-    /// its index: through this node's Raft loop, or handed to the leader by a follower.
-    async fn append_own(&self, who: Option<&custody_proto::Identity>, kind: custody_proto::EventKind, prefix: &str, body: custody_proto::pb::v1::event::Body) -> Result<u64, String> {
+    /// its index: through this node's Raft loop, or handed to the leader by a follower. An
+    /// event the log refuses (a second hold on a session) is FAILED_PRECONDITION; a ledger
+    /// that cannot take it, UNAVAILABLE.
+    async fn append_own(&self, who: Option<&custody_proto::Identity>, kind: custody_proto::EventKind, prefix: &str, body: custody_proto::pb::v1::event::Body) -> Result<u64, Status> {
         use custody_proto::pb::v1::Protocol;
         use prost::Message as _;
         let st = self.node.status();
@@ -122,12 +124,15 @@ impl LedgerFlight {
         let results = match self.node.append(vec![bytes.clone()], Duration::from_secs(5)).await {
             Ok(r) => r,
             Err(crate::node::NodeError::NotLeader { leader_addr: Some(addr), .. }) => {
-                let mut c = custody_proto::pb::ledger::ledger_client::LedgerClient::connect(format!("http://{addr}")).await.map_err(|e| e.to_string())?;
-                c.append(custody_proto::pb::ledger::AppendRequest { events: vec![bytes] }).await.map_err(|e| e.message().to_string())?.into_inner().results
+                let mut c = custody_proto::pb::ledger::ledger_client::LedgerClient::connect(format!("http://{addr}"))
+                    .await
+                    .map_err(|e| Status::unavailable(format!("the leader at {addr}: {e}")))?;
+                c.append(custody_proto::pb::ledger::AppendRequest { events: vec![bytes] }).await?.into_inner().results
             }
-            Err(e) => return Err(e.to_string()),
+            Err(crate::node::NodeError::Refused(why)) => return Err(Status::failed_precondition(why)),
+            Err(e) => return Err(Status::unavailable(e.to_string())),
         };
-        results.first().map(|r| r.index).ok_or_else(|| "the ledger returned no result".into())
+        results.first().map(|r| r.index).ok_or_else(|| Status::internal("the ledger returned no result"))
     }
 
     /// `record_export`: a finished, verified export, as `custody export` reports it.
@@ -159,7 +164,7 @@ impl LedgerFlight {
         let index = self
             .append_own(who, custody_proto::EventKind::Export, "export", custody_proto::pb::v1::event::Body::ExportRecord(rec))
             .await
-            .map_err(|e| Status::unavailable(format!("cannot record the export in the ledger: {e}")))?;
+            .map_err(|e| Status::new(e.code(), format!("cannot record the export in the ledger: {}", e.message())))?;
         Ok(serde_json::json!({"index": index}))
     }
 
@@ -208,7 +213,7 @@ impl LedgerFlight {
         let index = self
             .append_own(who, custody_proto::EventKind::LegalHold, "hold", body)
             .await
-            .map_err(|e| Status::unavailable(format!("cannot record the legal hold in the ledger: {e}")))?;
+            .map_err(|e| Status::new(e.code(), format!("cannot record the legal hold in the ledger: {}", e.message())))?;
         Ok(serde_json::json!({"index": index, "session_id": session_id, "held": !released, "pruned_before_hold": pruned_before}))
     }
 
